@@ -1,0 +1,241 @@
+"""Commands in and events out: small frozen dataclasses that round-trip through JSON dicts.
+
+The GUI, the CLI, ``--control`` files and the tests all speak this one language with a
+``TrainingSession``. Every field holds a plain Python value, never a tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from engine.config import LIVE_KEYS
+from engine.errors import ConfigError
+
+# ---------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class Command:
+    name: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cmd": self.name, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class Set(Command):
+    """Change live hyperparameters from the next optimizer step on."""
+
+    name: ClassVar[str] = "set"
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cmd": "set", **self.values}
+
+
+@dataclass(frozen=True)
+class Pause(Command):
+    name: ClassVar[str] = "pause"
+
+
+@dataclass(frozen=True)
+class Resume(Command):
+    name: ClassVar[str] = "resume"
+
+
+@dataclass(frozen=True)
+class Save(Command):
+    name: ClassVar[str] = "save"
+
+
+@dataclass(frozen=True)
+class Eval(Command):
+    name: ClassVar[str] = "eval"
+
+
+@dataclass(frozen=True)
+class Sample(Command):
+    name: ClassVar[str] = "sample"
+    prompt: str = ""
+    max_new_tokens: int = 64
+
+
+@dataclass(frozen=True)
+class Stop(Command):
+    """Finish the current step, save, end."""
+
+    name: ClassVar[str] = "stop"
+
+
+@dataclass(frozen=True)
+class Cancel(Command):
+    """End without a final save."""
+
+    name: ClassVar[str] = "cancel"
+
+
+COMMANDS: dict[str, type[Command]] = {
+    c.name: c for c in (Set, Pause, Resume, Save, Eval, Sample, Stop, Cancel)
+}
+
+
+def command_from_dict(data: dict[str, Any]) -> Command:
+    """Parse ``{"cmd": ...}``; a malformed command raises ConfigError with a one-line reason."""
+    if not isinstance(data, dict) or "cmd" not in data:
+        raise ConfigError(f"a command must be an object with a 'cmd' key, got {data!r}",
+                          f"e.g. {{\"cmd\": \"set\", \"learning_rate\": 2e-4}}; commands: {', '.join(COMMANDS)}")
+    name = data["cmd"]
+    if name not in COMMANDS:
+        raise ConfigError(f"unknown command {name!r}", f"commands: {', '.join(COMMANDS)}")
+    rest = {k: v for k, v in data.items() if k != "cmd"}
+    if name == "set":
+        if not rest:
+            raise ConfigError("set names no hyperparameter", f"live-changeable: {', '.join(LIVE_KEYS)}")
+        return Set(values=rest)
+    cls = COMMANDS[name]
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    extra = set(rest) - allowed
+    if extra:
+        raise ConfigError(f"command {name!r} takes no {', '.join(sorted(extra))}",
+                          f"{name} takes: {', '.join(sorted(allowed)) or 'nothing'}")
+    if name == "sample":
+        if not isinstance(rest.get("prompt", ""), str):
+            raise ConfigError("sample prompt must be text", 'e.g. {"cmd": "sample", "prompt": "Hello"}')
+        mnt = rest.get("max_new_tokens", 64)
+        if isinstance(mnt, bool) or not isinstance(mnt, int) or not 1 <= mnt <= 4096:
+            raise ConfigError(f"sample max_new_tokens={mnt!r} is out of range", "give a whole number from 1 to 4096")
+    return cls(**rest)
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Event:
+    type: ClassVar[str] = ""
+    time: float = field(default_factory=time.time, kw_only=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class StartEvent(Event):
+    type: ClassVar[str] = "start"
+    run_id: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    total_steps: int = 0
+    run_dir: str = ""
+    resumed_from: str | None = None
+
+
+@dataclass(frozen=True)
+class StateEvent(Event):
+    type: ClassVar[str] = "state"
+    state: str = "loading"  # loading | running | paused | stopping | finished
+
+
+@dataclass(frozen=True)
+class StepEvent(Event):
+    type: ClassVar[str] = "step"
+    step: int = 0
+    epoch: float = 0.0
+    loss: float = 0.0
+    learning_rate: float = 0.0
+    grad_norm: float | None = None
+    gradient_accumulation_steps: int = 1
+    tokens: int = 0
+    tokens_per_s: float = 0.0
+    step_time_s: float = 0.0
+    mem_allocated_mb: float = 0.0
+    mem_reserved_mb: float = 0.0
+    mem_peak_mb: float = 0.0
+    elapsed_s: float = 0.0
+    eta_s: float | None = None
+    total_steps: int = 0
+
+
+@dataclass(frozen=True)
+class SystemEvent(Event):
+    type: ClassVar[str] = "system"
+    rss_mb: float = 0.0
+    cpu_percent: float = 0.0
+    gpu_util: float | None = None
+    gpu_mem_used_mb: float | None = None
+    gpu_mem_total_mb: float | None = None
+    gpu_power_w: float | None = None
+    gpu_temp_c: float | None = None
+
+
+@dataclass(frozen=True)
+class EvalEvent(Event):
+    type: ClassVar[str] = "eval"
+    step: int = 0
+    eval_loss: float = 0.0
+    perplexity: float = 0.0
+
+
+@dataclass(frozen=True)
+class ChangeEvent(Event):
+    type: ClassVar[str] = "change"
+    step: int = 0
+    changes: dict[str, list[Any]] = field(default_factory=dict)
+    source: str = "user"  # user | auto
+
+
+@dataclass(frozen=True)
+class SampleEvent(Event):
+    type: ClassVar[str] = "sample"
+    step: int = 0
+    prompt: str = ""
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class CheckpointEvent(Event):
+    type: ClassVar[str] = "checkpoint"
+    step: int = 0
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class WarningEvent(Event):
+    type: ClassVar[str] = "warning"
+    message: str = ""
+    kind: str = "internal"
+    advice: str = ""
+
+
+@dataclass(frozen=True)
+class ErrorEvent(Event):
+    type: ClassVar[str] = "error"
+    message: str = ""
+    kind: str = "internal"
+    advice: str = ""
+
+
+@dataclass(frozen=True)
+class EndEvent(Event):
+    type: ClassVar[str] = "end"
+    status: str = "completed"  # completed | stopped | cancelled | failed
+    step: int = 0
+    output: str | None = None
+
+
+EVENTS: dict[str, type[Event]] = {
+    e.type: e
+    for e in (StartEvent, StateEvent, StepEvent, SystemEvent, EvalEvent, ChangeEvent, SampleEvent,
+              CheckpointEvent, WarningEvent, ErrorEvent, EndEvent)
+}
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    """Rebuild an event from its JSON dict; fields this version does not know are dropped."""
+    cls = EVENTS[data["type"]]
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
