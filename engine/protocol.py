@@ -132,6 +132,8 @@ class StartEvent(Event):
     total_steps: int = 0
     run_dir: str = ""
     resumed_from: str | None = None
+    step: int = 0  # the step the run starts from (above 0 when resumed)
+    changes: list[dict[str, Any]] = field(default_factory=list)  # change log carried over on resume
 
 
 @dataclass(frozen=True)

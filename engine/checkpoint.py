@@ -1,0 +1,121 @@
+"""Atomic checkpoints: everything needed to continue a run exactly, and nothing unpickled on load.
+
+A checkpoint folder holds the PEFT adapter (``adapter_model.safetensors`` + ``adapter_config.json``,
+loadable with ``PeftModel.from_pretrained``) or, for full fine-tuning, ``model.safetensors``; the
+tokenizer; ``optimizer.pt`` (tensors and plain values only, read with ``weights_only=True``);
+``rng_state.pt``; ``trainer_state.json`` (step, schedule, data position, change log, live values)
+and the effective ``config.yaml``. It is written into a hidden temporary folder and renamed, so a
+crash never leaves half a checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import config as config_mod
+from engine.config import Config
+from engine.errors import ConfigError
+
+STATE_FILE = "trainer_state.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _save_weights(model: torch.nn.Module, folder: Path) -> None:
+    # PeftModel.save_pretrained writes only the adapter; a plain model writes its full weights.
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def write(folder: Path, *, model: torch.nn.Module, tokenizer: Any, cfg: Config, state: dict[str, Any],
+          optimizer: torch.optim.Optimizer | None) -> Path:
+    """Write a checkpoint at ``folder`` atomically and return its path."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _save_weights(model, tmp)
+    tokenizer.save_pretrained(tmp)
+    config_mod.save(cfg, tmp / "config.yaml")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng_state.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    if folder.exists():
+        old = folder.parent / f".old-{folder.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(folder)
+    return folder
+
+
+def read_state(folder: Path) -> tuple[Config, dict[str, Any]]:
+    folder = Path(folder)
+    if not (folder / STATE_FILE).is_file():
+        raise ConfigError(f"{folder} is not a Tunedeck checkpoint (no {STATE_FILE})",
+                          "give a folder such as runs/<run>/checkpoints/step-000200")
+    if not (folder / "optimizer.pt").is_file():
+        raise ConfigError(f"{folder} holds weights but no optimizer state, so it cannot be resumed exactly",
+                          "resume from a folder under checkpoints/")
+    cfg = config_mod.load(folder / "config.yaml")
+    return cfg, json.loads((folder / STATE_FILE).read_text())
+
+
+def load_weights(model: torch.nn.Module, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    adapter = folder / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter, device=str(_device_of(model))))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ConfigError(f"the adapter in {folder} does not fit this model ({unexpected[0]})",
+                              "resume with the model the checkpoint was made with")
+        return
+    full = folder / "model.safetensors"
+    if not full.is_file():
+        raise ConfigError(f"{folder} holds no weights", "give a complete checkpoint folder")
+    model.load_state_dict(load_file(full, device=str(_device_of(model))), strict=False)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    # On the CPU first: torch's load_state_dict moves each moment to its parameter's device and keeps
+    # ``step`` where the optimizer wants it (CPU unless fused or capturable).
+    optimizer.load_state_dict(torch.load(Path(folder) / "optimizer.pt", weights_only=True, map_location="cpu"))
+
+
+def load_rng(folder: Path) -> None:
+    rng = torch.load(Path(folder) / "rng_state.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def prune(checkpoints: Path, keep: int) -> None:
+    """Keep the ``keep`` newest step folders (0 keeps all)."""
+    if keep <= 0 or not checkpoints.is_dir():
+        return
+    steps = sorted(p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device

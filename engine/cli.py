@@ -1,0 +1,230 @@
+"""``tunedeck-train``: the engine headless, with a progress bar and live commands from a file.
+
+Exit status: 0 when the run completed or was stopped (saved), 1 when it failed or was cancelled,
+2 for bad usage or a bad config. Ctrl-C once stops and saves; twice cancels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from engine import builtin
+from engine import config as config_mod
+from engine.errors import ConfigError, TunedeckError
+from engine.protocol import (
+    Cancel,
+    ChangeEvent,
+    CheckpointEvent,
+    EndEvent,
+    ErrorEvent,
+    EvalEvent,
+    Event,
+    SampleEvent,
+    StartEvent,
+    StateEvent,
+    StepEvent,
+    Stop,
+    WarningEvent,
+)
+
+DEMO_PRESET = builtin.RESOURCES / "presets" / "demo.yaml"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tunedeck-train", description="Fine-tune a language model headless.")
+    p.add_argument("config", nargs="?", help="YAML config (default: the builtin demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set train.learning_rate=2e-4 (repeatable)")
+    p.add_argument("--output-dir", help="where run folders go (train.output_dir)")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint folder")
+    p.add_argument("--control", metavar="FILE", help="apply JSON-line commands appended to FILE while the run goes")
+    p.add_argument("--quiet", action="store_true", help="print only warnings, errors and the result")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> config_mod.Config:
+    if args.resume:
+        from engine import checkpoint
+
+        cfg, _ = checkpoint.read_state(Path(args.resume))
+        if args.config:
+            raise ConfigError("give either a config or --resume, not both",
+                              "a resumed run uses the config stored in its checkpoint; change it with --set")
+    else:
+        cfg = config_mod.load(args.config or DEMO_PRESET)
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    return config_mod.apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def preflight(cfg: config_mod.Config) -> None:
+    """Refuse, before loading anything, what cannot run on this machine."""
+    import torch
+
+    from engine import model, optim
+
+    optim.check_available(cfg.train.optim)
+    model.quantization_config(cfg, torch.float32)
+    model.resolve_dtype(cfg.model.dtype, model.pick_device())
+
+
+class ControlFile:
+    """Tails FILE for JSON lines (only what is appended after the start) and hands them to ``send``."""
+
+    def __init__(self, path: Path, send: Any, say: Any) -> None:
+        self.path, self.send, self.say = path, send, say
+        self.path.touch(exist_ok=True)
+        self.offset = self.path.stat().st_size
+        self.buffer = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def poll(self) -> None:
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size < self.offset:  # truncated or replaced: read it from the top
+            self.offset = 0
+        if size == self.offset:
+            return
+        with open(self.path, encoding="utf-8") as f:
+            f.seek(self.offset)
+            self.buffer += f.read()
+            self.offset = f.tell()
+        *lines, self.buffer = self.buffer.split("\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                self.send(json.loads(line))
+            except json.JSONDecodeError as e:
+                self.say(f"control: ignored a line that is not JSON ({e.msg}): {line.strip()[:80]}")
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.poll()
+
+
+class Printer:
+    """Step lines, or a progress bar on a terminal, plus one line for every other event."""
+
+    def __init__(self, quiet: bool, stream: TextIO) -> None:
+        self.quiet = quiet
+        self.stream = stream
+        self.bar = None
+        self.tty = stream.isatty() and not quiet
+
+    def say(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def handle(self, e: Event) -> None:
+        if isinstance(e, (ErrorEvent, WarningEvent)):
+            advice = f" ({e.advice})" if e.advice else ""
+            self.say(f"{e.type}: {e.message}{advice}")
+        elif self.quiet:
+            return
+        elif isinstance(e, StartEvent):
+            m, d = e.model, e.data
+            self.say(f"run {e.run_id}: {m.get('params_trainable', 0):,} of {m.get('params_total', 0):,} parameters "
+                     f"trainable, {m.get('dtype')} on {m.get('device')}; {d.get('train_examples')} train / "
+                     f"{d.get('eval_examples')} eval examples; {e.total_steps} steps -> {e.run_dir}")
+            if self.tty:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=e.total_steps, initial=e.step, file=self.stream, unit="step", dynamic_ncols=True)
+        elif isinstance(e, StepEvent):
+            if self.bar is not None:
+                self.bar.total = e.total_steps
+                self.bar.update(e.step - self.bar.n)
+                self.bar.set_postfix(loss=f"{e.loss:.4f}", lr=f"{e.learning_rate:.2e}", tok_s=f"{e.tokens_per_s:,.0f}")
+            else:
+                gn = f"{e.grad_norm:.3f}" if e.grad_norm is not None else "-"
+                self.say(f"step {e.step}/{e.total_steps} loss {e.loss:.4f} lr {e.learning_rate:.3e} grad_norm {gn} "
+                         f"accum {e.gradient_accumulation_steps} tok/s {e.tokens_per_s:,.0f} "
+                         f"step_time {e.step_time_s * 1000:.1f}ms")
+        elif isinstance(e, ChangeEvent):
+            text = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in e.changes.items())
+            self.say(f"change after step {e.step} ({e.source}): {text}")
+        elif isinstance(e, EvalEvent):
+            self.say(f"eval at step {e.step}: eval_loss {e.eval_loss:.4f} perplexity {e.perplexity:.2f}")
+        elif isinstance(e, CheckpointEvent):
+            self.say(f"checkpoint at step {e.step}: {e.path}")
+        elif isinstance(e, SampleEvent):
+            self.say(f"sample at step {e.step}: {e.prompt!r} -> {e.text!r}")
+        elif isinstance(e, StateEvent) and e.state == "paused":
+            self.say("paused")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = build_config(args)
+        preflight(cfg)
+    except TunedeckError as e:
+        print(f"tunedeck-train: error: {e.one_line()}", file=sys.stderr)
+        return 2
+    from engine.session import TrainingSession
+
+    printer = Printer(args.quiet, sys.stderr if sys.stderr.isatty() else sys.stdout)
+    session = TrainingSession(cfg, resume_from=args.resume)
+    interrupts = {"n": 0}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupts["n"] += 1
+        if interrupts["n"] == 1:
+            printer.say("interrupt: stopping after this step and saving (Ctrl-C again to cancel)")
+            session.send(Stop())
+        else:
+            session.send(Cancel())
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_sigint)
+    control = ControlFile(Path(args.control), session.send, printer.say) if args.control else None
+    session.start()
+    if control:
+        control.start()
+    end: EndEvent | None = None
+    config_error = False
+    try:
+        while end is None:
+            for e in session.drain():
+                printer.handle(e)
+                config_error |= isinstance(e, ErrorEvent) and e.kind == "config" and end is None and session.run_dir is None
+                if isinstance(e, EndEvent):
+                    end = e
+            if end is None:
+                time.sleep(0.05)
+    finally:
+        if control:
+            control.stop()
+        printer.close()
+    session.join()
+    where = f" -> {end.output}" if end.output else ""
+    print(f"{end.status} at step {end.step}{where}", file=sys.stderr if args.quiet else printer.stream, flush=True)
+    if end.status in ("completed", "stopped"):
+        return 0
+    return 2 if config_error else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tunedeck's window (PySide6 + pyqtgraph). It talks to the engine only through engine's public API."""

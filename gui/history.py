@@ -1,0 +1,459 @@
+"""What a run has reported so far, as growable numpy buffers: one per plotted series. No Qt here.
+
+The bridge hands every event to :meth:`RunHistory.add`; the plots read ``series.view`` (a view of
+the filled part, no copy) at most ~20 times a second, so a step costs a few appends and a redraw
+costs what numpy and pyqtgraph need for the visible part, however many points there are.
+A past run is read back from its ``metrics.jsonl`` with :meth:`RunHistory.load`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.protocol import (
+    ChangeEvent,
+    CheckpointEvent,
+    EndEvent,
+    ErrorEvent,
+    EvalEvent,
+    Event,
+    SampleEvent,
+    StartEvent,
+    StateEvent,
+    StepEvent,
+    SystemEvent,
+    WarningEvent,
+    event_from_dict,
+)
+
+
+class Series:
+    """A float64 array that grows by doubling; ``view`` is the filled part (no copy)."""
+
+    __slots__ = ("_data", "_n", "gen")
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self._data = np.empty(max(16, capacity), dtype=np.float64)
+        self._n = 0
+        self.gen = 0  # bumped by clear(), so derived data (an Envelope) knows to start over
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _reserve(self, extra: int) -> None:
+        need = self._n + extra
+        if need > len(self._data):
+            cap = len(self._data)
+            while cap < need:
+                cap *= 2
+            grown = np.empty(cap, dtype=np.float64)
+            grown[: self._n] = self._data[: self._n]
+            self._data = grown
+
+    def append(self, value: float | None) -> None:
+        if self._n == len(self._data):
+            self._reserve(1)
+        self._data[self._n] = math.nan if value is None else value
+        self._n += 1
+
+    def extend(self, values: Any) -> None:
+        arr = np.asarray(values, dtype=np.float64).ravel()
+        self._reserve(len(arr))
+        self._data[self._n : self._n + len(arr)] = arr
+        self._n += len(arr)
+
+    def clear(self) -> None:
+        self._n = 0
+        self.gen += 1
+
+    @property
+    def view(self) -> np.ndarray:
+        return self._data[: self._n]
+
+    def last(self, default: float = math.nan) -> float:
+        return float(self._data[self._n - 1]) if self._n else default
+
+
+# Series fed by step events: name in the history -> field of StepEvent.
+STEP_FIELDS = {
+    "loss": "loss",
+    "lr": "learning_rate",
+    "grad_norm": "grad_norm",
+    "tokens_per_s": "tokens_per_s",
+    "mem_allocated": "mem_allocated_mb",
+    "mem_reserved": "mem_reserved_mb",
+    "mem_peak": "mem_peak_mb",
+    "epoch": "epoch",
+    "elapsed": "elapsed_s",
+    "step_time": "step_time_s",
+    "accum": "gradient_accumulation_steps",
+}
+SYSTEM_FIELDS = {
+    "rss": "rss_mb",
+    "cpu": "cpu_percent",
+    "gpu_used": "gpu_mem_used_mb",
+    "gpu_total": "gpu_mem_total_mb",
+    "gpu_util": "gpu_util",
+}
+
+
+@dataclass
+class Change:
+    step: int
+    changes: dict[str, list[Any]]
+    source: str
+
+    def label(self) -> str:
+        return ", ".join(f"{k} {fmt_number(v[0])}→{fmt_number(v[1])}" for k, v in self.changes.items())
+
+
+@dataclass
+class RunHistory:
+    """Everything one run reported, ready to plot."""
+
+    run_id: str = ""
+    run_dir: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    total_steps: int = 0
+    state: str = ""
+    status: str = ""  # end status, empty while running
+    output: str | None = None
+    changes: list[Change] = field(default_factory=list)
+    checkpoints: list[tuple[int, str]] = field(default_factory=list)
+    samples: list[SampleEvent] = field(default_factory=list)
+    problems: list[Event] = field(default_factory=list)  # warnings and errors
+    version: int = 0  # bumped on every change; the plots redraw when it moved
+
+    def __post_init__(self) -> None:
+        self.steps = Series()
+        self.series: dict[str, Series] = {name: Series() for name in STEP_FIELDS}
+        self.eval_steps = Series(64)
+        self.eval_loss = Series(64)
+        self.sys_steps = Series(256)  # the last optimizer step when the sample was taken
+        self.system: dict[str, Series] = {name: Series(256) for name in SYSTEM_FIELDS}
+        self.nonzero: set[str] = set()  # series that reported something other than 0 / None
+        self.last_step: StepEvent | None = None
+        self.last_system: SystemEvent | None = None
+
+    # ------------------------------------------------------------------ feeding
+
+    def add(self, ev: Event) -> None:
+        self.version += 1
+        if isinstance(ev, StepEvent):
+            self.steps.append(ev.step)
+            for name, attr in STEP_FIELDS.items():
+                v = getattr(ev, attr)
+                self.series[name].append(v)
+                if v and name not in self.nonzero:
+                    self.nonzero.add(name)
+            if ev.total_steps:
+                self.total_steps = ev.total_steps
+            self.last_step = ev
+        elif isinstance(ev, SystemEvent):
+            self.sys_steps.append(self.steps.last(0.0))
+            for name, attr in SYSTEM_FIELDS.items():
+                v = getattr(ev, attr)
+                self.system[name].append(v)
+                if v and name not in self.nonzero:
+                    self.nonzero.add(name)
+            self.last_system = ev
+        elif isinstance(ev, EvalEvent):
+            self.eval_steps.append(ev.step)
+            self.eval_loss.append(ev.eval_loss)
+        elif isinstance(ev, ChangeEvent):
+            self.changes.append(Change(ev.step, dict(ev.changes), ev.source))
+        elif isinstance(ev, StartEvent):
+            self.run_id, self.run_dir = ev.run_id, ev.run_dir
+            self.config, self.model, self.data = ev.config, ev.model, ev.data
+            self.total_steps = ev.total_steps
+            if not self.changes:  # a resumed run carries its change log: show those markers too
+                for c in getattr(ev, "changes", None) or []:
+                    if isinstance(c, dict) and "step" in c:
+                        self.changes.append(Change(int(c["step"]), dict(c.get("changes") or {}),
+                                                   str(c.get("source", "user"))))
+        elif isinstance(ev, StateEvent):
+            self.state = ev.state
+        elif isinstance(ev, CheckpointEvent):
+            self.checkpoints.append((ev.step, ev.path))
+        elif isinstance(ev, SampleEvent):
+            self.samples.append(ev)
+        elif isinstance(ev, (WarningEvent, ErrorEvent)):
+            self.problems.append(ev)
+        elif isinstance(ev, EndEvent):
+            self.status, self.output = ev.status, ev.output
+
+    def extend(self, events: list[Event]) -> None:
+        for ev in events:
+            self.add(ev)
+
+    # ------------------------------------------------------------------ reading
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def x(self) -> np.ndarray:
+        return self.steps.view
+
+    def y(self, name: str) -> np.ndarray:
+        return self.series[name].view
+
+    def index_at(self, step: float) -> int | None:
+        """Index of the point nearest to ``step`` (None when there are no points)."""
+        xs = self.steps.view
+        if not len(xs):
+            return None
+        i = int(np.searchsorted(xs, step))
+        if i >= len(xs):
+            return len(xs) - 1
+        if i > 0 and abs(xs[i - 1] - step) <= abs(xs[i] - step):
+            return i - 1
+        return i
+
+    def value_at(self, name: str, step: float) -> float | None:
+        i = self.index_at(step)
+        return None if i is None else float(self.series[name].view[i])
+
+    def label(self) -> str:
+        return self.run_id or (Path(self.run_dir).name if self.run_dir else "run")
+
+    # ------------------------------------------------------------------ files
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunHistory:
+        """Read a run folder (or its metrics.jsonl). Broken lines (a crash mid-write) are skipped."""
+        p = Path(path)
+        metrics = p / "metrics.jsonl" if p.is_dir() else p
+        if not metrics.is_file():
+            raise FileNotFoundError(f"{metrics} does not exist: not a Tunedeck run folder")
+        hist = cls(run_dir=str(metrics.parent), run_id=metrics.parent.name)
+        with metrics.open(encoding="utf-8") as fh:
+            for line in fh:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    hist.add(event_from_dict(json.loads(line)))
+                except (ValueError, KeyError, TypeError):
+                    continue
+        if not hist.run_dir:
+            hist.run_dir = str(metrics.parent)
+        return hist
+
+
+# ---------------------------------------------------------------------- level of detail
+
+
+class Envelope:
+    """Min/max pyramid over a growing Series, so a plot of N points costs O(pixels), not O(N).
+
+    Level k holds the min and max of each complete block of ``BLOCK**(k+1)`` points; :meth:`sync`
+    extends the levels with the points appended since the last call (vectorised). :meth:`window`
+    returns at most about ``2 * max_blocks`` vertices covering a range of indices: the finest level
+    that fits, then finer levels for the incomplete tail, down to raw points. Minimum and maximum of
+    every block are both drawn, so no spike is ever hidden (peak downsampling, precomputed).
+    """
+
+    BLOCK = 4
+
+    def __init__(self, series: Series) -> None:
+        self.src = series
+        self.mins: list[Series] = []
+        self.maxs: list[Series] = []
+        self._gen = series.gen
+
+    def sync(self) -> None:
+        n = len(self.src)
+        if self.src.gen != self._gen:  # the series was cleared since
+            self.mins.clear()
+            self.maxs.clear()
+            self._gen = self.src.gen
+        B = self.BLOCK
+        lo_min = lo_max = self.src.view
+        size, k = B, 0
+        while n // size:
+            if k == len(self.mins):
+                self.mins.append(Series(max(16, n // size)))
+                self.maxs.append(Series(max(16, n // size)))
+            done, want = len(self.mins[k]), n // size
+            if want > done:
+                a, b = done * B, want * B
+                with np.errstate(invalid="ignore"):
+                    self.mins[k].extend(np.fmin.reduce(lo_min[a:b].reshape(-1, B), axis=1))
+                    self.maxs[k].extend(np.fmax.reduce(lo_max[a:b].reshape(-1, B), axis=1))
+            lo_min, lo_max = self.mins[k].view, self.maxs[k].view
+            size *= B
+            k += 1
+
+    def window(self, x: np.ndarray, i0: int, i1: int, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+        """(xs, ys) for indices [i0, i1) of the source with x positions from ``x`` (same length)."""
+        n = min(len(self.src), len(x))
+        i0, i1 = max(0, i0), min(n, i1)
+        if i1 <= i0:
+            return np.empty(0), np.empty(0)
+        y = self.src.view
+        if i1 - i0 <= max_blocks * 2:
+            return x[i0:i1], y[i0:i1]
+        xs_parts, ys_parts = [], []
+        B = self.BLOCK
+        k = -1
+        size = 1
+        # the coarsest level needed: blocks of `size` points, at most max_blocks of them in range
+        while (i1 - i0) / size > max_blocks and k + 1 < len(self.mins):
+            k += 1
+            size *= B
+        start = i0
+        while k >= 0 and start < i1:
+            mins, maxs = self.mins[k].view, self.maxs[k].view
+            b0 = start // size
+            b1 = min(-(-i1 // size), len(mins))
+            if b1 > b0:
+                m = b1 - b0
+                centers = np.minimum((np.arange(b0, b1) * size + size // 2), n - 1)
+                xb = np.repeat(x[centers], 2)
+                yb = np.empty(2 * m)
+                yb[0::2] = mins[b0:b1]
+                yb[1::2] = maxs[b0:b1]
+                xs_parts.append(xb)
+                ys_parts.append(yb)
+                start = b1 * size
+            k -= 1
+            size //= B
+        if start < i1:
+            xs_parts.append(x[start:i1])
+            ys_parts.append(y[start:i1])
+        return np.concatenate(xs_parts), np.concatenate(ys_parts)
+
+
+# ---------------------------------------------------------------------- smoothing
+
+
+def ema(values: np.ndarray, weight: float, state: tuple[float, int] = (0.0, 0)) -> tuple[np.ndarray, tuple[float, int]]:
+    """Debiased exponential moving average (as TensorBoard's smoothing), vectorised.
+
+    ``weight`` in [0, 1): 0 is no smoothing. ``state`` = (biased accumulator, count) lets a caller
+    extend a smoothed series with new points without redoing the old ones. NaN/inf points are
+    skipped (they keep the previous smoothed value). Returns the smoothed values and the new state.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    acc, count = state
+    if n == 0:
+        return np.empty(0), state
+    if weight <= 0:
+        out = values.copy()
+        finite = np.isfinite(values)
+        k = int(finite.sum())
+        last = float(values[finite][-1]) if k else acc
+        return out, (last, count + k)
+    a = float(weight)
+    finite = np.isfinite(values)
+    x = np.where(finite, values, 0.0)
+    # Skipped points neither decay the accumulator nor count: handle by compressing them out.
+    xs = x[finite]
+    m = len(xs)
+    smoothed_f = np.empty(m)
+    if m:
+        block = 256
+        while block > 8 and a ** block < 1e-300:  # keep a**k representable within a block
+            block //= 2
+        pad = (-m) % block
+        xb = np.concatenate([xs, np.zeros(pad)]).reshape(-1, block)
+        k = np.arange(block)
+        # lower-triangular kernel: L[i, j] = a**(i-j) for j <= i
+        diff = k[:, None] - k[None, :]
+        kernel = np.where(diff >= 0, a ** np.clip(diff, 0, None), 0.0)
+        partial = (1 - a) * (xb @ kernel.T)  # contribution of each block's own points
+        powers = a ** (k + 1)  # decay of the carried-in accumulator
+        carry = np.empty(len(xb))
+        c = acc
+        ab = a**block
+        last_partial = partial[:, -1]
+        for b in range(len(xb)):
+            carry[b] = c
+            c = ab * c + last_partial[b]
+        biased = partial + carry[:, None] * powers[None, :]
+        biased = biased.reshape(-1)[:m]
+        t = count + np.arange(1, m + 1)
+        with np.errstate(over="ignore", under="ignore"):
+            debias = 1.0 - a ** t.astype(np.float64)
+        smoothed_f = biased / debias
+        acc = float(biased[-1])
+        count = count + m
+    out = np.empty(n)
+    if m == n:
+        out[:] = smoothed_f
+    else:
+        # forward-fill the smoothed value over skipped points (NaN before the first finite one)
+        idx = np.cumsum(finite) - 1
+        filled = np.where(idx >= 0, smoothed_f[np.clip(idx, 0, max(m - 1, 0))] if m else np.nan, np.nan)
+        out[:] = filled
+        prev = state[0] / (1.0 - a ** state[1]) if state[1] else np.nan
+        out[idx < 0] = prev
+    return out, (acc, count)
+
+
+class Smoother:
+    """Keeps an EMA of a growing series up to date, extending it incrementally."""
+
+    def __init__(self, weight: float = 0.6) -> None:
+        self.weight = weight
+        self.out = Series()
+        self._state: tuple[float, int] = (0.0, 0)
+
+    def set_weight(self, weight: float) -> None:
+        if weight != self.weight:
+            self.weight = weight
+            self.reset()
+
+    def reset(self) -> None:
+        self.out.clear()
+        self._state = (0.0, 0)
+
+    def update(self, values: np.ndarray) -> np.ndarray:
+        done = len(self.out)
+        if len(values) < done:  # the source was reset
+            self.reset()
+            done = 0
+        if len(values) > done:
+            new, self._state = ema(values[done:], self.weight, self._state)
+            self.out.extend(new)
+        return self.out.view
+
+
+# ---------------------------------------------------------------------- formatting
+
+
+def fmt_number(v: Any) -> str:
+    """Short, exact-enough text for a hyperparameter or reading: 1e-4, 0.9, 512, cosine."""
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        if v == 0:
+            return "0"
+        if abs(v) < 1e-3 or abs(v) >= 1e6:
+            mant, exp = f"{v:.3e}".split("e")
+            mant = mant.rstrip("0").rstrip(".")
+            return f"{mant}e{int(exp)}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "–"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -1,0 +1,187 @@
+"""Measure how the window copes: redraw cost with huge series, and training speed with the window open.
+
+    python -m gui.perf_check plots [--points 1000000]
+        GUI-thread time of one plot refresh (set the data of every curve and paint the window)
+        when each series holds --points points, in three situations: the whole run in view while
+        points keep arriving (the live case), zoomed into the last 1% while points keep arriving,
+        and a hover read-out.
+
+    python -m gui.perf_check steps [--steps 200] [--set section.key=value ...]
+        The demo run's optimizer steps per second, headless (a TrainingSession drained in a loop,
+        as `tunedeck-train` does) and with the window open and plotting (driven by the real
+        window's Start button), on the same config, one after the other.
+
+Both print a small table; run them under `xvfb-run` to include real painting, or with
+QT_QPA_PLATFORM=offscreen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def _app():
+    from PySide6.QtWidgets import QApplication
+
+    from gui.widgets import theme
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    theme.apply(app)
+    return app
+
+
+def _fake_history(n: int):
+    import numpy as np
+
+    from gui.history import RunHistory
+
+    h = RunHistory(run_id="perf")
+    rng = np.random.default_rng(0)
+    steps = np.arange(1, n + 1, dtype=np.float64)
+    h.steps.extend(steps)
+    h.series["loss"].extend(3 * np.exp(-steps / (n / 4)) + 0.3 + 0.1 * rng.standard_normal(n))
+    h.series["lr"].extend(1e-4 * np.cos(np.linspace(0, np.pi / 2, n)))
+    h.series["grad_norm"].extend(np.abs(rng.standard_normal(n)) + 0.5)
+    h.series["tokens_per_s"].extend(5000 + 300 * rng.standard_normal(n))
+    h.series["mem_allocated"].extend(np.full(n, 900.0) + rng.standard_normal(n))
+    for name in ("epoch", "elapsed", "step_time", "accum", "mem_reserved", "mem_peak"):
+        h.series[name].extend(np.ones(n))
+    h.nonzero.update({"loss", "lr", "grad_norm", "tokens_per_s", "mem_allocated"})
+    h.eval_steps.extend(steps[:: max(1, n // 200)])
+    h.eval_loss.extend(h.series["loss"].view[:: max(1, n // 200)])
+    h.version += 1
+    return h
+
+
+def bench_plots(points: int, rounds: int = 30, shot: str | None = None) -> dict[str, float]:
+    import numpy as np
+    from PySide6.QtWidgets import QApplication
+
+    from gui.widgets.plots import PlotPanel
+
+    app = _app()
+    panel = PlotPanel()
+    panel._timer.stop()  # we drive the refreshes ourselves
+    panel.resize(1600, 1000)
+    panel.show()
+    hist = _fake_history(points)
+    t0 = time.perf_counter()
+    panel.set_history(hist)
+    panel.glw.repaint()
+    app.processEvents()
+    first = time.perf_counter() - t0
+
+    def one(append: bool) -> float:
+        if append:  # a new step arrived, as in a live run
+            s = hist.steps.last() + 1
+            hist.steps.append(s)
+            for name, ser in hist.series.items():
+                ser.append(ser.last())
+            hist.version += 1
+        t = time.perf_counter()
+        panel.refresh()
+        panel.glw.repaint()  # paint now, synchronously, on this thread
+        QApplication.processEvents()
+        return time.perf_counter() - t
+
+    out = {"points per series": points, "first draw s": first}
+    live = [one(True) for _ in range(rounds)]
+    out["live refresh ms (median)"] = statistics.median(live) * 1e3
+    out["live refresh ms (max)"] = max(live) * 1e3
+    n = len(hist)
+    panel.show_range(n * 0.99, n)
+    app.processEvents()
+    zoom = [one(True) for _ in range(rounds)]
+    out["zoomed refresh ms (median)"] = statistics.median(zoom) * 1e3
+    t = time.perf_counter()
+    for s in np.linspace(n * 0.99, n, 20):
+        panel.show_readout(float(s))
+    out["hover read-out ms"] = (time.perf_counter() - t) / 20 * 1e3
+    if shot:
+        panel.grab().save(shot)
+    panel.close()
+    return out
+
+
+def bench_steps(steps: int, overrides: list[str]) -> dict[str, float]:
+    import tempfile
+
+    from engine import config as cfgmod
+    from engine.protocol import EndEvent, StepEvent
+    from engine.session import TrainingSession
+
+    app = _app()
+    from gui.main_window import MainWindow
+
+    preset = os.path.join(os.path.dirname(__file__), "..", "resources", "presets", "demo.yaml")
+    base = cfgmod.load(preset) if os.path.exists(preset) else cfgmod.Config()
+    tmp = tempfile.mkdtemp(prefix="tunedeck-perf-")
+    cfg = cfgmod.apply_overrides(base, [f"train.max_steps={steps}", "train.eval_steps=0",
+                                        "train.save_steps=0", f"train.output_dir={tmp}", *overrides])
+
+    def rate(events) -> float:
+        st = [e for e in events if isinstance(e, StepEvent)]
+        # skip the first steps (warm-up of kernels and allocator), time the rest
+        k = min(5, len(st) // 4)
+        if len(st) - k < 2:
+            return float("nan")
+        return (st[-1].step - st[k].step) / (st[-1].elapsed_s - st[k].elapsed_s)
+
+    # headless: what tunedeck-train does, minus the terminal
+    s = TrainingSession(cfg.copy())
+    s.start()
+    events = []
+    while True:
+        batch = s.drain()
+        events += batch
+        if any(isinstance(e, EndEvent) for e in batch):
+            break
+        time.sleep(0.05)
+    s.join()
+    headless = rate(events)
+
+    # the window, plotting live
+    from PySide6.QtCore import QSettings
+
+    settings = QSettings(os.path.join(tmp, "settings.ini"), QSettings.Format.IniFormat)
+    win = MainWindow(settings=settings)
+    win.resize(1600, 1000)
+    win.show()
+    win.set_config(cfg.copy())
+    seen = []
+    win.bridge.events.connect(seen.extend)
+    win.start_run()
+    while win.bridge.active:
+        app.processEvents()
+        time.sleep(0.005)
+    windowed = rate(seen)
+    win.close()
+    return {"steps": steps, "headless steps/s": headless, "window steps/s": windowed,
+            "window / headless": windowed / headless if headless else float("nan"),
+            "redraws": win.plots.redraws}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gui.perf_check", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("plots")
+    p.add_argument("--points", type=int, default=1_000_000)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--grab", metavar="PNG", help="save a picture of the plots at the end")
+    q = sub.add_parser("steps")
+    q.add_argument("--steps", type=int, default=200)
+    q.add_argument("--set", action="append", default=[], dest="overrides")
+    args = ap.parse_args(argv)
+    res = bench_plots(args.points, args.rounds, args.grab) if args.what == "plots" else bench_steps(args.steps, args.overrides)
+    print(f"platform: {os.environ.get('QT_QPA_PLATFORM') or 'default'}, python {sys.version.split()[0]}")
+    for k, v in res.items():
+        print(f"  {k:28s} {v:,.2f}" if isinstance(v, float) else f"  {k:28s} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
