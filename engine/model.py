@@ -6,6 +6,7 @@ Every model, the builtin one included, goes through ``AutoModelForCausalLM.from_
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,10 @@ def _liger(model: torch.nn.Module, device: torch.device) -> bool:
 
 def load(cfg: Config, device: torch.device | None = None) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # Our own events report loading; transformers' progress bars would garble a terminal progress bar.
+    hf_logging.disable_progress_bar()
 
     device = device or pick_device()
     dtype = resolve_dtype(cfg.model.dtype, device)
@@ -162,7 +167,10 @@ def wrap_for_training(model: torch.nn.Module, cfg: Config, *, quantized: bool) -
     lc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                     target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM", bias="none")
     try:
-        return get_peft_model(model, lc)
+        with warnings.catch_warnings():
+            # peft asks transformers 5 an attribute it deprecated; nothing for a user to act on.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, lc)
     except ValueError as e:
         raise ConfigError(f"lora.target_modules={cfg.lora.target_modules!r} does not match this model: "
                           f"{str(e).splitlines()[0]}",

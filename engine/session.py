@@ -74,9 +74,13 @@ def _tensorboard(run_dir: Path) -> Any:
 
 
 class TrainingSession:
-    """A run in a background thread. ``start()``, then ``send()`` commands and ``drain()`` events."""
+    """A run in a background thread. ``start()``, then ``send()`` commands and ``drain()`` events.
 
-    def __init__(self, config: Config, resume_from: str | Path | None = None, *, system_interval: float = 1.0) -> None:
+    ``config`` may be None when ``resume_from`` is given: the run then continues with the config
+    stored in the checkpoint, live changes included.
+    """
+
+    def __init__(self, config: Config | None, resume_from: str | Path | None = None, *, system_interval: float = 1.0) -> None:
         self.config = config
         self.resume_from = resume_from
         self.system_interval = system_interval

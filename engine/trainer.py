@@ -66,8 +66,11 @@ class Position:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, emit: Callable[[Event], None], commands: queue.Queue,
+    def __init__(self, cfg: Config | None, emit: Callable[[Event], None], commands: queue.Queue,
                  resume_from: str | Path | None = None, on_run_dir: Callable[[Path], None] | None = None) -> None:
+        """``cfg`` None with ``resume_from``: the checkpoint's own (effective) config."""
+        if cfg is None and resume_from is None:
+            raise ValueError("a Trainer needs a config or a checkpoint to resume from")
         self.cfg = cfg
         self.emit = emit
         self.commands = commands
@@ -101,10 +104,11 @@ class Trainer:
         return EndEvent(status=status, step=self.step, output=output)
 
     def setup(self) -> None:
-        cfg, t = self.cfg, self.cfg.train
         resume_state: dict[str, Any] | None = None
         if self.resume_from is not None:
-            _, resume_state = checkpoint.read_state(self.resume_from)
+            saved_cfg, resume_state = checkpoint.read_state(self.resume_from)
+            self.cfg = self.cfg or saved_cfg
+        cfg, t = self.cfg, self.cfg.train
         optim.check_available(t.optim)
         torch.manual_seed(t.seed)
         self.loaded = model_mod.load(cfg)

@@ -12,6 +12,7 @@ reports an ``error`` and a ``failed`` end itself, so the window always returns t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -114,10 +115,8 @@ class SessionBridge(QObject):
             batch = [self._error_event(e)]
         if not any(isinstance(ev, EndEvent) for ev in batch) and not s.alive:
             # The thread is gone; take whatever it left, and if it said no end, say it ourselves.
-            try:
+            with contextlib.suppress(Exception):
                 batch += list(s.drain())
-            except Exception:
-                pass
             if not any(isinstance(ev, EndEvent) for ev in batch):
                 batch.append(ErrorEvent(message="the training thread ended without reporting why",
                                         kind="internal", advice="see the terminal for a traceback"))

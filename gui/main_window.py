@@ -8,6 +8,7 @@ recent folders are remembered with QSettings.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import yaml
@@ -28,8 +29,8 @@ from engine.protocol import (
     Pause,
     Resume,
     Sample,
-    Save,
     SampleEvent,
+    Save,
     Set,
     StartEvent,
     StateEvent,
@@ -179,10 +180,9 @@ class MainWindow(QMainWindow):
             self.restoreState(state)
         text = s.value("last/config")
         if text:
-            try:
+            # an old or broken entry: keep the defaults
+            with contextlib.suppress(ConfigError, yaml.YAMLError, TypeError, AttributeError):
                 self.set_config(cfgmod.from_dict(yaml.safe_load(str(text))))
-            except (ConfigError, yaml.YAMLError, TypeError, AttributeError):
-                pass  # an old or broken entry: keep the defaults
         recent = s.value("last/models") or []
         if isinstance(recent, str):
             recent = [recent]
@@ -196,10 +196,8 @@ class MainWindow(QMainWindow):
         s = self.settings
         s.setValue("window/geometry", self.saveGeometry())
         s.setValue("window/state", self.saveState())
-        try:
+        with contextlib.suppress(ConfigError):  # invalid settings: keep the last good ones
             s.setValue("last/config", cfgmod.dump(self.setup.config()))
-        except ConfigError:
-            pass
         s.setValue("last/data_dir", self.setup.data.start_dir)
         if self._run_dir:
             s.setValue("last/run_dir", self._run_dir)

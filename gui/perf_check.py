@@ -79,7 +79,7 @@ def bench_plots(points: int, rounds: int = 30, shot: str | None = None) -> dict[
         if append:  # a new step arrived, as in a live run
             s = hist.steps.last() + 1
             hist.steps.append(s)
-            for name, ser in hist.series.items():
+            for ser in hist.series.values():
                 ser.append(ser.last())
             hist.version += 1
         t = time.perf_counter()

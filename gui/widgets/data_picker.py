@@ -1,18 +1,20 @@
 """Dataset picker: a path (file, hub name or builtin:demo) with a preview of the first rows.
 
 The preview comes from ``engine.data.preview`` (detected format, first rows, row count). It runs in
-a worker thread, since a hub dataset may have to be downloaded, and its answer is delivered on the
-main thread through a queued signal; a newer path always wins over a slower, older preview.
+a worker thread, since a hub dataset may have to be downloaded. The worker holds no Qt object (so
+none can be destroyed off the main thread): it drops its answer in a queue that a main-thread
+timer collects; a newer path always wins over a slower, older preview.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import threading
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QObject, QTimer, Signal
+from PySide6.QtCore import QTimer, Signal
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QFileDialog,
@@ -44,8 +46,14 @@ def cell_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-class _Relay(QObject):
-    done = Signal(int, object)  # (request number, (format, rows, total) or an exception)
+def _preview_worker(req: int, path: str, answers: queue.SimpleQueue) -> None:
+    try:
+        from engine.data import preview
+
+        result: Any = preview(path, n=PREVIEW_ROWS)
+    except Exception as e:  # shown in the picker; never raised into Qt
+        result = e
+    answers.put((req, result))
 
 
 class DataPicker(QWidget):
@@ -89,8 +97,11 @@ class DataPicker(QWidget):
         self.total = 0
         self.error: str | None = None
         self._request = 0
-        self._relay = _Relay()
-        self._relay.done.connect(self._show_preview)
+        self._answered = 0
+        self._answers: queue.SimpleQueue = queue.SimpleQueue()
+        self._collect = QTimer(self)
+        self._collect.setInterval(50)
+        self._collect.timeout.connect(self._collect_answers)
         self._debounce = QTimer(self)
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(300)
@@ -148,20 +159,24 @@ class DataPicker(QWidget):
             self._show_preview(req, ConfigError("no dataset chosen", "pick a file, a hub dataset or builtin:demo"))
             return
         self.info.setText("<span style='color:#8a9099'>reading…</span>")
-        threading.Thread(target=self._work, args=(req, path), name="tunedeck-preview", daemon=True).start()
+        threading.Thread(target=_preview_worker, args=(req, path, self._answers), name="tunedeck-preview",
+                         daemon=True).start()
+        self._collect.start()
 
-    def _work(self, req: int, path: str) -> None:
-        try:
-            from engine.data import preview
-
-            result: Any = preview(path, n=PREVIEW_ROWS)
-        except Exception as e:  # shown in the picker; never raised into Qt
-            result = e
-        self._relay.done.emit(req, result)
+    def _collect_answers(self) -> None:
+        while True:
+            try:
+                req, result = self._answers.get_nowait()
+            except queue.Empty:
+                break
+            self._show_preview(req, result)
+        if self._answered == self._request:
+            self._collect.stop()
 
     def _show_preview(self, req: int, result: Any) -> None:
         if req != self._request:
             return  # an older path's answer
+        self._answered = req
         self.table.clear()
         if isinstance(result, BaseException):
             msg = result.one_line() if isinstance(result, TunedeckError) else f"{type(result).__name__}: {result}"

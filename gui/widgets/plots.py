@@ -163,8 +163,8 @@ class PlotPanel(QWidget):
             if p is not self.plots[-1]:
                 bottom.setStyle(showValues=False)
                 bottom.setHeight(4)
-            p.addLegend(offset=(-8, 4), labelTextSize="8pt", brush=pg.mkBrush(27, 29, 33, 200),
-                        verSpacing=-6)
+            p.addLegend(offset=(-6, 2), labelTextSize="8pt", brush=pg.mkBrush(27, 29, 33, 190),
+                        verSpacing=-8, horSpacing=12, colCount=3)
             p.setDownsampling(auto=True, mode="peak")
             p.setClipToView(True)
             if p is not self.loss_plot:

@@ -76,7 +76,8 @@ class SamplePanel(QWidget):
         self.samples.append(ev)
         self.pending = max(0, self.pending - 1)
         self.status.setText("" if not self.pending else "generating…")
+        text = (f"<span style='color:#e6e6e6; white-space:pre-wrap'>{html.escape(ev.text)}</span>" if ev.text.strip()
+                else "<span style='color:#8a9099'><i>(no text: the model ended its answer at once)</i></span>")
         block = (f"<p><span style='color:#8a9099'>step {ev.step}</span><br>"
-                 f"<span style='color:#8fd3ff'>{html.escape(ev.prompt)}</span><br>"
-                 f"<span style='color:#e6e6e6; white-space:pre-wrap'>{html.escape(ev.text)}</span></p>")
+                 f"<span style='color:#8fd3ff'>{html.escape(ev.prompt)}</span><br>{text}</p>")
         self.output.append(block)

@@ -35,7 +35,7 @@ PRESETS_DIR = Path(__file__).resolve().parents[2] / "resources" / "presets"
 
 
 class SetupPanel(QWidget):
-    validity_changed = Signal(bool)  # True when the settings make a valid config
+    validity_changed = Signal(bool)  # on every new verdict: True when valid, False with a (new) problem
     preset_loaded = Signal(str)  # path
     message = Signal(str, str)  # (level: info | error, text) for the log
 

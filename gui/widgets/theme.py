@@ -69,12 +69,11 @@ def apply(app: QApplication) -> None:
         pal.setColor(QPalette.ColorGroup.Disabled, role, QColor("#6b7078"))
     app.setPalette(pal)
     app.setStyleSheet(
-        "QToolTip { color: %s; background: #2c3036; border: 1px solid #3a3f46; padding: 4px; }"
+        f"QToolTip {{ color: {TEXT}; background: #2c3036; border: 1px solid #3a3f46; padding: 4px; }}"
         "QGroupBox { border: 1px solid #34383f; border-radius: 4px; margin-top: 14px; padding-top: 4px; }"
-        "QGroupBox::title { subcontrol-origin: margin; left: 8px; padding: 0 4px; color: %s; }"
+        f"QGroupBox::title {{ subcontrol-origin: margin; left: 8px; padding: 0 4px; color: {MUTED}; }}"
         "QDockWidget::title { padding: 4px 6px; background: #2a2d33; }"
-        "QLineEdit[invalid=\"true\"] { border: 1px solid #e5484d; background: #3a1d20; }"
-        "QLineEdit[changed=\"true\"] { border: 1px solid #d9a32b; }"
-        "QComboBox[changed=\"true\"] { border: 1px solid #d9a32b; }"
-        % (TEXT, MUTED)
+        'QLineEdit[invalid="true"] { border: 1px solid #e5484d; background: #3a1d20; }'
+        'QLineEdit[changed="true"] { border: 1px solid #d9a32b; }'
+        'QComboBox[changed="true"] { border: 1px solid #d9a32b; }'
     )

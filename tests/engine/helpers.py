@@ -21,7 +21,7 @@ def make_cfg(tmp_path: Path, **overrides: Any) -> config_mod.Config:
     return config_mod.apply_overrides(cfg, [f"{k}={v}" for k, v in sets.items()])
 
 
-def run(cfg: config_mod.Config, at: dict[int, list[Command]] | None = None,
+def run(cfg: config_mod.Config | None, at: dict[int, list[Command]] | None = None,
         resume_from: Path | None = None) -> tuple[list[Event], Trainer]:
     """Run to the end; ``at[n]`` commands are queued when step n is reported, so they apply before step n+1."""
     at = at or {}

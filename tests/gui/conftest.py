@@ -1,0 +1,76 @@
+"""GUI tests run offscreen with pytest-qt; every window gets its own settings file and run folder."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ["QT_QPA_PLATFORM"] = "offscreen"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_PRESET = ROOT / "resources" / "presets" / "demo.yaml"
+
+# Small enough that a CPU step takes a few tens of milliseconds; the runs still learn a little.
+FAST = [
+    "train.per_device_train_batch_size=2",
+    "data.max_length=48",
+    "lora.r=4",
+    "lora.alpha=8",
+    "train.eval_steps=0",
+    "train.save_steps=0",
+    "train.logging_steps=1",
+    "data.eval_fraction=0.02",
+]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _theme(qapp):
+    from gui.widgets import theme
+
+    theme.apply(qapp)
+
+
+@pytest.fixture
+def settings(tmp_path):
+    from PySide6.QtCore import QSettings
+
+    return QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """make_config("train.max_steps=5", ...) -> the demo preset with fast settings, runs under tmp_path."""
+    from engine import config as cfgmod
+
+    def make(*overrides: str):
+        base = cfgmod.load(DEMO_PRESET) if DEMO_PRESET.is_file() else cfgmod.Config()
+        return cfgmod.apply_overrides(base, [*FAST, f"train.output_dir={tmp_path / 'runs'}", *overrides])
+
+    return make
+
+
+@pytest.fixture
+def make_window(qtbot, settings):
+    """make_window(factory=None) -> a shown MainWindow (real engine unless a factory is given)."""
+    from gui.main_window import MainWindow
+
+    windows = []
+
+    def make(factory=None, restore=True):
+        win = MainWindow(settings=settings, session_factory=factory, restore=restore)
+        qtbot.addWidget(win)
+        win.resize(1400, 900)
+        win.show()
+        windows.append(win)
+        return win
+
+    yield make
+    for win in windows:  # never leave a training thread behind
+        if win.bridge.active:
+            win.bridge.send({"cmd": "cancel"})
+            qtbot.waitUntil(lambda w=win: not w.bridge.active, timeout=30_000)
+        win.close_when_ended = False

@@ -1,0 +1,180 @@
+"""A stand-in for engine.session.TrainingSession with the same API, emitting synthetic events.
+
+Used where the real engine would only add time (bridge mechanics, closing the window, event
+floods); the window's main tests drive the real engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import threading
+import time
+from pathlib import Path
+
+from engine.config import LIVE_KEYS
+from engine.protocol import (
+    Cancel,
+    ChangeEvent,
+    CheckpointEvent,
+    EndEvent,
+    ErrorEvent,
+    EvalEvent,
+    Pause,
+    Resume,
+    Sample,
+    SampleEvent,
+    Save,
+    Set,
+    StartEvent,
+    StateEvent,
+    StepEvent,
+    Stop,
+    command_from_dict,
+)
+
+
+class FakeSession:
+    def __init__(self, config, resume_from=None, *, steps: int = 200, delay: float = 0.005,
+                 fail_at: int | None = None, die_silently: bool = False) -> None:
+        self.config = config
+        self.steps = steps
+        self.delay = delay
+        self.fail_at = fail_at
+        self.die_silently = die_silently
+        self._events: queue.Queue = queue.Queue()
+        self._commands: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.run_dir: Path | None = None
+        self.sent: list = []
+
+    # -- API
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._thread.start()
+
+    def send(self, cmd) -> None:
+        if isinstance(cmd, dict):
+            cmd = command_from_dict(cmd)
+        self.sent.append(cmd)
+        self._commands.put(cmd)
+
+    def drain(self, max_items=None):
+        out = []
+        while max_items is None or len(out) < max_items:
+            try:
+                out.append(self._events.get_nowait())
+            except queue.Empty:
+                break
+        return out
+
+    def join(self, timeout=None) -> bool:
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the fake run
+    def _emit(self, ev) -> None:
+        if self._log is not None:
+            self._log.write(json.dumps(ev.to_dict()) + "\n")
+            self._log.flush()
+        self._events.put(ev)
+
+    def _main(self) -> None:
+        self._log = None
+        t = self.config.train
+        run_id = t.run_name or f"fake-{int(time.time() * 1000)}"
+        self.run_dir = Path(t.output_dir) / run_id
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.run_dir / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        try:
+            self._run(run_id)
+        finally:
+            self._log.close()
+
+    def _run(self, run_id: str) -> None:
+        t = self.config.train
+        lr = t.learning_rate
+        self._emit(StateEvent(state="loading"))
+        self._emit(StartEvent(run_id=run_id, config=self.config.to_dict(), model={"device": "fake"},
+                              data={"train_examples": 100, "eval_examples": 5}, total_steps=self.steps,
+                              run_dir=str(self.run_dir)))
+        if self.die_silently:
+            return  # the thread ends with no end event
+        self._emit(StateEvent(state="running"))
+        state, status, step = "running", "completed", 0
+        start = time.time()
+        while step < self.steps:
+            while True:  # commands at the step boundary; block while paused
+                try:
+                    cmd = self._commands.get(block=state == "paused", timeout=0.05)
+                except queue.Empty:
+                    if state == "paused":
+                        continue
+                    break
+                if isinstance(cmd, Stop):
+                    status = "stopped"
+                elif isinstance(cmd, Cancel):
+                    status = "cancelled"
+                elif isinstance(cmd, Pause):
+                    state = "paused"
+                    self._emit(StateEvent(state="paused"))
+                elif isinstance(cmd, Resume):
+                    state = "running"
+                    self._emit(StateEvent(state="running"))
+                elif isinstance(cmd, Set):
+                    bad = [k for k in cmd.values if k not in LIVE_KEYS]
+                    if bad:
+                        self._emit(ErrorEvent(message=f"{bad[0]} cannot be changed while a run goes", kind="config"))
+                        continue
+                    if "learning_rate" in cmd.values:
+                        self._emit(ChangeEvent(step=step, changes={"learning_rate": [lr, cmd.values["learning_rate"]]}))
+                        lr = cmd.values["learning_rate"]
+                elif isinstance(cmd, Sample):
+                    self._emit(SampleEvent(step=step, prompt=cmd.prompt, text="fake text"))
+                elif isinstance(cmd, Save):
+                    self._emit(CheckpointEvent(step=step, path=str(self.run_dir / f"checkpoints/step-{step:06d}")))
+                if status != "completed":
+                    break
+            if status != "completed":
+                break
+            step += 1
+            if self.fail_at is not None and step == self.fail_at:
+                self._emit(ErrorEvent(message="CUDA out of memory (fake)", kind="oom", advice=""))
+                self._emit(EndEvent(status="failed", step=step - 1))
+                return
+            self._emit(StepEvent(step=step, epoch=step / self.steps, loss=2 + math.exp(-step / 30), learning_rate=lr,
+                                 grad_norm=1.0, tokens=100, tokens_per_s=1000.0, step_time_s=self.delay,
+                                 mem_allocated_mb=10.0, elapsed_s=time.time() - start, eta_s=1.0,
+                                 total_steps=self.steps))
+            if t.eval_steps and step % t.eval_steps == 0:
+                self._emit(EvalEvent(step=step, eval_loss=2.1, perplexity=8.2))
+            if self.delay:
+                time.sleep(self.delay)
+        output = None
+        if status in ("completed", "stopped"):
+            final = self.run_dir / "final"
+            final.mkdir(exist_ok=True)
+            (final / "adapter_model.safetensors").write_bytes(b"fake")
+            output = str(final)
+        self._emit(StateEvent(state="finished"))
+        self._emit(EndEvent(status=status, step=step, output=output))
+
+
+def factory(**kw):
+    """A session factory for SessionBridge / MainWindow that builds FakeSessions with ``kw``."""
+    made: list[FakeSession] = []
+
+    def make(config, resume_from=None):
+        s = FakeSession(config, resume_from, **kw)
+        made.append(s)
+        return s
+
+    make.made = made  # type: ignore[attr-defined]
+    return make
