@@ -1,0 +1,64 @@
+"""TrainingSession in its thread: the same API the GUI and CLI use; metrics.jsonl as the record."""
+
+import json
+import subprocess
+import sys
+import time
+
+from engine.protocol import Pause, Resume, Set, Stop, event_from_dict
+from engine.session import TrainingSession
+from tests.engine.helpers import make_cfg
+
+
+def wait_for(session, pred, timeout=60):
+    seen = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for e in session.drain():
+            seen.append(e)
+            if pred(e):
+                return seen
+        time.sleep(0.01)
+    raise AssertionError(f"timed out; last events: {[e.type for e in seen[-5:]]}")
+
+
+def test_pause_keeps_the_model_and_resume_continues(tmp_path):
+    s = TrainingSession(make_cfg(tmp_path, train__max_steps=400), system_interval=0.05)
+    s.start()
+    wait_for(s, lambda e: e.type == "step" and e.step >= 2)
+    s.send(Pause())
+    seen = wait_for(s, lambda e: e.type == "state" and e.state == "paused")
+    paused_at = max(e.step for e in seen if e.type == "step") if any(e.type == "step" for e in seen) else None
+    time.sleep(0.3)
+    quiet = [e for e in s.drain() if e.type == "step"]
+    assert quiet == []  # nothing trains while paused
+    s.send(Set({"learning_rate": 1e-3}))
+    s.send(Resume())
+    seen = wait_for(s, lambda e: e.type == "step")
+    change = [e for e in seen if e.type == "change"][0]
+    assert change.changes == {"learning_rate": [3e-3, 1e-3]}
+    s.send(Stop())
+    seen += wait_for(s, lambda e: e.type == "end")
+    assert s.join(timeout=30) and not s.alive
+    assert seen[-1].status == "stopped"
+    assert paused_at is None or change.step >= paused_at
+    # Everything that was emitted is in metrics.jsonl, in order, and parses back.
+    lines = (s.run_dir / "metrics.jsonl").read_text().splitlines()
+    kinds = [json.loads(line)["type"] for line in lines]
+    assert kinds[0] == "state" and kinds[-1] == "end" and "start" in kinds and "system" in kinds
+    assert event_from_dict(json.loads(lines[-1])).status == "stopped"
+    assert (s.run_dir / "config.yaml").is_file()
+
+
+def test_engine_never_imports_qt():
+    code = (
+        "import importlib, pkgutil, sys, engine\n"
+        "for m in pkgutil.iter_modules(engine.__path__):\n"
+        "    importlib.import_module('engine.' + m.name)\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('PySide6', 'pyqtgraph', 'shiboken6', 'gui')]\n"
+        "print(len(list(pkgutil.iter_modules(engine.__path__))), bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert int(out.stdout.split()[0]) >= 12
