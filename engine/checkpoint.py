@@ -42,16 +42,20 @@ def write(folder: Path, *, model: torch.nn.Module, tokenizer: Any, cfg: Config, 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _save_weights(model, tmp)
-    tokenizer.save_pretrained(tmp)
-    config_mod.save(cfg, tmp / "config.yaml")
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng_state.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    try:
+        _save_weights(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        config_mod.save(cfg, tmp / "config.yaml")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            torch.save(rng, tmp / "rng_state.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if folder.exists():
         old = folder.parent / f".old-{folder.name}"
         shutil.rmtree(old, ignore_errors=True)

@@ -417,11 +417,18 @@ class Trainer:
             "run_id": self.run_dir.name if self.run_dir else None,
         }
 
-    def save_checkpoint(self, folder: Path | None = None, with_optimizer: bool = True) -> Path:
+    def save_checkpoint(self, folder: Path | None = None, with_optimizer: bool = True) -> Path | None:
+        """Write a checkpoint; a failed write is an error event and the run goes on (None returned)."""
         assert self.run_dir is not None
         folder = folder or self.run_dir / "checkpoints" / checkpoint.step_dir_name(self.step)
-        path = checkpoint.write(folder, model=self.model, tokenizer=self.tokenizer, cfg=self.cfg,
-                                state=self.trainer_state(), optimizer=self.optimizer if with_optimizer else None)
+        try:
+            path = checkpoint.write(folder, model=self.model, tokenizer=self.tokenizer, cfg=self.cfg,
+                                    state=self.trainer_state(), optimizer=self.optimizer if with_optimizer else None)
+        except OSError as e:
+            self.emit(ErrorEvent(message=f"could not save {folder}: {e.strerror or e}", kind="internal",
+                                 advice="free disk space or point train.output_dir elsewhere; earlier checkpoints "
+                                        "are untouched and training goes on"))
+            return None
         if folder.parent.name == "checkpoints":
             checkpoint.prune(folder.parent, self.cfg.train.save_total_limit)
         self.emit(CheckpointEvent(step=self.step, path=str(path)))
@@ -447,7 +454,8 @@ class Trainer:
         self._set_state("stopping")
         if verdict == "stopped":
             self.save_checkpoint()
-        self.save_checkpoint(self.run_dir / "final", with_optimizer=False)
+        if self.save_checkpoint(self.run_dir / "final", with_optimizer=False) is None:
+            return "failed"
         return verdict
 
     # ------------------------------------------------------------ helpers

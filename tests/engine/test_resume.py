@@ -1,5 +1,6 @@
 """Checkpoints: resume equals an uninterrupted run; the adapter loads with plain peft."""
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -49,11 +50,10 @@ def test_failed_write_leaves_no_half_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", boom)
     target = t.run_dir / "checkpoints" / "step-000002"
-    try:
+    with pytest.raises(OSError, match="disk full"):
         checkpoint.write(target, model=t.model, tokenizer=t.tokenizer, cfg=t.cfg, state={}, optimizer=t.optimizer)
-    except OSError:
-        pass
     assert not target.exists()
+    assert not list(target.parent.glob(".tmp-*"))
 
 
 def test_adapter_loads_with_plain_peft(tmp_path):
@@ -78,3 +78,21 @@ def test_full_finetune_saves_safetensors_and_resumes(tmp_path):
     assert (ckpt / "model.safetensors").is_file() and not (ckpt / "adapter_model.safetensors").exists()
     resumed, _ = run(None, resume_from=ckpt)
     assert [e.loss for e in of(resumed, "step")] == [e.loss for e in of(full, "step")][2:]
+
+
+def test_a_failed_save_is_an_error_event_and_training_goes_on(tmp_path, monkeypatch):
+    from engine import checkpoint as ck
+
+    real = ck.write
+
+    def flaky(folder, **kw):
+        if folder.name == "step-000002":
+            raise OSError(28, "No space left on device")
+        return real(folder, **kw)
+
+    monkeypatch.setattr(ck, "write", flaky)
+    events, t = run(make_cfg(tmp_path, train__max_steps=4, train__save_steps=2))
+    err = of(events, "error")[0]
+    assert "could not save" in err.message and "No space left on device" in err.message
+    assert [e.step for e in of(events, "step")] == [1, 2, 3, 4]
+    assert events[-1].status == "completed" and (t.run_dir / "final" / "adapter_model.safetensors").is_file()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from tests.engine.helpers import make_cfg, of, run, steps
+from tests.engine.helpers import make_cfg, of, run
 
 
 def test_loss_decreases_on_the_demo(tmp_path):
