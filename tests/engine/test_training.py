@@ -34,7 +34,7 @@ def test_accumulation_equals_a_bigger_batch(tmp_path):
     assert la == pytest.approx(lb, rel=1e-5)
     wa = {n: p for n, p in a.model.named_parameters() if p.requires_grad}
     wb = {n: p for n, p in b.model.named_parameters() if p.requires_grad}
-    worst = max(float((wa[n] - wb[n]).abs().max()) for n in wa)
+    worst = max(float((wa[n].detach() - wb[n].detach()).abs().max()) for n in wa)
     assert worst < 1e-7
     grad_norms = [e.grad_norm for e in of(a_events, "step")]
     assert grad_norms == pytest.approx([e.grad_norm for e in of(b_events, "step")], rel=1e-5)
