@@ -40,7 +40,7 @@ SCHEDULER_NAMES = (
     "cosine_with_min_lr",
     "warmup_stable_decay",
 )
-FORMAT_NAMES = ("auto", "prompt_completion", "alpaca", "messages", "text")
+FORMAT_NAMES = ("auto", "prompt_completion", "alpaca", "messages", "text", "tokenized")
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 ATTN_NAMES = ("sdpa", "eager", "flash_attention_2")
 
@@ -124,7 +124,8 @@ class DataConfig:
     format: str = _f(
         "auto",
         "How examples are laid out: prompt/completion, alpaca (instruction/input/output), chat "
-        "messages, or plain text. auto detects it from the columns.",
+        "messages, plain text, or tokenized (input_ids and optional labels, already token ids). "
+        "auto detects it from the columns.",
         FORMAT_NAMES,
     )
     max_length: int = _f(

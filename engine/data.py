@@ -1,9 +1,10 @@
 """Datasets in, token ids and loss labels out.
 
 Rows come from a local file (.jsonl, .json, .csv, .parquet), a hub dataset or ``builtin:demo``.
-Four layouts are understood (prompt/completion, alpaca, chat messages, plain text); each becomes
-``{"input_ids", "labels"}`` with ``IGNORE_INDEX`` where no loss is taken. Every user mistake is a
-``DataError`` with a one-line message and the fix, never a bare traceback.
+Five layouts are understood (prompt/completion, alpaca, chat messages, plain text, and rows that
+are already token ids); each becomes ``{"input_ids", "labels"}`` with ``IGNORE_INDEX`` where no
+loss is taken. Every user mistake is a ``DataError`` with a one-line message and the fix, never a
+bare traceback.
 
 Labels are *unshifted* (HF convention): the model predicts ``labels[t]`` from tokens ``< t``, so
 the label at position 0 never counts. ``count_targets`` and the drop rule both follow that.
@@ -27,12 +28,13 @@ from engine.config import DataConfig
 from engine.errors import DataError
 
 IGNORE_INDEX = -100
-FORMATS = ("prompt_completion", "alpaca", "messages", "text")
+FORMATS = ("prompt_completion", "alpaca", "messages", "text", "tokenized")
 REQUIRED = {
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "messages": ("messages",),
     "text": ("text",),
+    "tokenized": ("input_ids",),
 }
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 # The short Alpaca layout: the long preamble of the original costs tokens and teaches nothing.
@@ -193,12 +195,14 @@ def detect_format(rows: list[dict]) -> str:
     if not rows:
         raise DataError("the dataset has no rows", "add examples to it")
     cols = set(rows[0])
-    for fmt in ("messages", "prompt_completion", "alpaca", "text"):
+    # Token ids win over any text column beside them: they are what the text became.
+    for fmt in ("tokenized", "messages", "prompt_completion", "alpaca", "text"):
         if set(REQUIRED[fmt]) <= cols:
             return fmt
     raise DataError(
         f"cannot tell the data format from the columns {_cols(cols)}",
-        "use columns prompt+completion, instruction(+input)+output, messages, or text",
+        "use columns prompt+completion, instruction(+input)+output, messages, text, "
+        "or input_ids (+labels) for pre-tokenized rows",
     )
 
 
@@ -258,9 +262,12 @@ def tokenize_rows(
     because no target token survived (after the causal shift)."""
     if fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r}", f"use one of auto, {', '.join(FORMATS)}")
+    pairs: list[tuple[list[int], list[int]]] = []
+    if fmt == "tokenized":
+        pairs = [_token_row(row, i) for i, row in enumerate(rows)]
+        return _truncate(pairs, max_length)
     bos = _bos(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    pairs: list[tuple[list[int], list[int]]] = []
     if fmt == "messages":
         renderer = _ChatRenderer(tokenizer)
         for i, row in enumerate(rows):
@@ -286,6 +293,10 @@ def tokenize_rows(
             prompt, answer = bos + p, a + eos
             masked = [IGNORE_INDEX] * len(prompt) if completion_only_loss else prompt
             pairs.append((prompt + answer, masked + answer))
+    return _truncate(pairs, max_length)
+
+
+def _truncate(pairs: list[tuple[list[int], list[int]]], max_length: int) -> tuple[list[dict], int]:
     examples, dropped = [], 0
     for ids, labels in pairs:
         ids, labels = ids[:max_length], labels[:max_length]
@@ -294,6 +305,47 @@ def tokenize_rows(
             continue
         examples.append({"input_ids": ids, "labels": labels})
     return examples, dropped
+
+
+def _int_list(value: Any, index: int, key: str) -> list[int]:
+    if isinstance(value, str):  # a CSV cell holds the list as JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    if hasattr(value, "tolist"):  # numpy arrays from parquet readers
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    ):
+        raise DataError(
+            f"row {index + 1}: {key!r} is not a list of whole numbers",
+            f'write {key} as token ids, e.g. "{key}": [1, 345, 27]',
+        )
+    return list(value)
+
+
+def _token_row(row: dict, index: int) -> tuple[list[int], list[int]]:
+    """A pre-tokenized row: ``input_ids`` and optional ``labels`` (all ids are targets without them)."""
+    ids = _int_list(row.get("input_ids"), index, "input_ids")
+    if not ids:
+        raise DataError(f"row {index + 1}: 'input_ids' is empty", "give every row at least two token ids")
+    if any(t < 0 for t in ids):
+        raise DataError(f"row {index + 1}: 'input_ids' holds a negative id", "token ids are >= 0")
+    if row.get("labels") is None:
+        return ids, list(ids)
+    labels = _int_list(row["labels"], index, "labels")
+    if len(labels) != len(ids):
+        raise DataError(
+            f"row {index + 1}: 'labels' has {len(labels)} entries for {len(ids)} input_ids",
+            f"give one label per token, {IGNORE_INDEX} where no loss is taken (labels are not shifted)",
+        )
+    if any(t < 0 and t != IGNORE_INDEX for t in labels):
+        raise DataError(
+            f"row {index + 1}: 'labels' holds a negative id other than {IGNORE_INDEX}",
+            f"use {IGNORE_INDEX} for tokens without loss",
+        )
+    return ids, labels
 
 
 def _alpaca_prompt(row: dict, index: int) -> str:

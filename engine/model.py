@@ -6,6 +6,7 @@ Every model, the builtin one included, goes through ``AutoModelForCausalLM.from_
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,18 +99,34 @@ def quantization_config(cfg: Config, dtype: torch.dtype) -> Any:
 
 
 def _liger(model: torch.nn.Module, device: torch.device) -> bool:
-    """Swap in Liger's fused kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU) when possible."""
+    """Swap in Liger's fused kernels (fused linear cross-entropy that never builds the logits, RMSNorm,
+    SwiGLU) on this model instance when possible.
+
+    Liger's per-model functions also patch names of the transformers modeling module (the norm and
+    MLP classes for models built later, and RoPE, which every model of that type reads at call time).
+    Those are put back, so no other model in the process (a baseline in a benchmark, the next run in
+    the GUI) changes behind its owner's back; RoPE therefore stays transformers' own.
+    """
     if device.type != "cuda":
         return False
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
         return False
+    module = sys.modules.get(type(model).__module__)
+    saved = dict(vars(module)) if module is not None else {}
     try:
-        _apply_liger_kernel_to_instance(model=model)
+        # cross_entropy=False: for some model types Liger's plain cross-entropy patch replaces
+        # torch.nn.functional.cross_entropy process-wide; the fused linear one is per instance.
+        _apply_liger_kernel_to_instance(model=model, rope=False, cross_entropy=False, fused_linear_cross_entropy=True)
     except Exception:  # an architecture Liger does not know: plain kernels are still correct
         return False
-    return True
+    finally:
+        for name, value in saved.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
+    # Liger binds its forward on the instance; an unknown model type is left as it was.
+    return "forward" in vars(model)
 
 
 def load(cfg: Config, device: torch.device | None = None) -> Loaded:

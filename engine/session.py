@@ -77,7 +77,8 @@ class TrainingSession:
     """A run in a background thread. ``start()``, then ``send()`` commands and ``drain()`` events.
 
     ``config`` may be None when ``resume_from`` is given: the run then continues with the config
-    stored in the checkpoint, live changes included.
+    stored in the checkpoint, live changes included. ``system_interval`` is the period of the
+    system sampler in seconds; 0 turns it off (with ``train.logging_steps`` above 1, monitoring off).
     """
 
     def __init__(self, config: Config | None, resume_from: str | Path | None = None, *, system_interval: float = 1.0) -> None:
@@ -142,8 +143,9 @@ class TrainingSession:
             trainer = Trainer(self.config, self._emit, self._commands, self.resume_from, on_run_dir=self._set_run_dir)
             import torch
 
-            sampler = SystemSampler(self._emit, use_gpu=torch.cuda.is_available(), interval=self.system_interval)
-            sampler.start()
+            if self.system_interval > 0:  # 0 turns the system sampler off
+                sampler = SystemSampler(self._emit, use_gpu=torch.cuda.is_available(), interval=self.system_interval)
+                sampler.start()
             end = trainer.run()
         except Exception as e:  # the engine thread never dies silently, nor takes its host down
             self._emit(ErrorEvent(message=f"internal error: {type(e).__name__}: {e}", kind="internal",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import queue
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from engine import checkpoint, data, optim
+from engine import checkpoint, data, fast, optim
 from engine import model as model_mod
 from engine.config import LIVE_KEYS, Config, validate_value
 from engine.errors import ConfigError, TunedeckError
@@ -112,7 +113,10 @@ class Trainer:
         optim.check_available(t.optim)
         torch.manual_seed(t.seed)
         self.loaded = model_mod.load(cfg)
+        if self.loaded.device.type == "cpu":
+            _leave_a_core_free()
         self.model, self.tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
+        self.varlen = fast.enable_varlen(self.model, cfg.data.packing, self.device, self.loaded.dtype)
         splits = data.load_examples(cfg.data, self.tokenizer, t.seed)
         self.train_examples, self.eval_examples = splits.train, splits.eval
         if splits.dropped:
@@ -132,7 +136,8 @@ class Trainer:
         params = list(self.model.named_parameters())
         self.trainable = [p for _, p in params if p.requires_grad]
         self.optim_name = t.optim
-        self.optimizer = optim.build(t.optim, optim.param_groups(params, t.weight_decay), t, t.learning_rate)
+        self.optimizer = optim.build(fast.optimizer_name(t.optim, self.device),
+                                     optim.param_groups(params, t.weight_decay), t, t.learning_rate)
         warmup = warmup_steps_for(total_steps, t.warmup_steps, t.warmup_ratio)
         self.schedule = LRSchedule(t.lr_scheduler_type, t.learning_rate, total_steps, warmup, t.lr_scheduler_kwargs)
         if resume_state is not None:
@@ -141,7 +146,9 @@ class Trainer:
             self.model = torch.compile(self.model)
         self._open_run_dir()
         self.emit(StartEvent(
-            run_id=self.run_dir.name, config=cfg.to_dict(), model=self.loaded.info(),
+            run_id=self.run_dir.name, config=cfg.to_dict(),
+            model={**self.loaded.info(), "attention": f"{fast.VARLEN} ({self.varlen})" if self.varlen else cfg.model.attn_implementation,
+                   "optimizer": fast.optimizer_name(t.optim, self.device)},
             data={"train_examples": len(self.train_examples), "eval_examples": len(self.eval_examples),
                   "format": splits.format, "dropped": splits.dropped},
             total_steps=self.total_steps, run_dir=str(self.run_dir),
@@ -214,22 +221,25 @@ class Trainer:
             self._order_epoch = epoch
         return self._order_cache
 
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.device.type == "cuda":
-            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+            return {k: v.pin_memory().to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                    for k, v in batch.items()}
         return batch
 
     def _optimizer_step(self) -> tuple[float | None, float | None, int]:
         t = self.cfg.train
         pad = self.tokenizer.pad_token_id
-        batches = [data.collate(mb, pad, packing=self.cfg.data.packing) for mb in self._next_micro_batches()]
+        batches = [fast.prepare_batch(data.collate(mb, pad, packing=self.cfg.data.packing), self.varlen)
+                   for mb in self._next_micro_batches()]
         # Counted on the host before the copy, so normalising costs no device sync.
         n_targets = max(1, sum(data.count_targets(b) for b in batches))
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                      for b in batches)
         loss_sum = torch.zeros((), device=self.device)
         for b in batches:
-            out = self.model(**self._to_device(b), num_items_in_batch=n_targets)
+            with fast.autocast(self.device, self.loaded.dtype, self.model):
+                out = self.model(**self._to_device(b), num_items_in_batch=n_targets)
             out.loss.backward()
             loss_sum += out.loss.detach()
         clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
@@ -341,7 +351,8 @@ class Trainer:
         if "gradient_accumulation_steps" in changes:
             auto = self._regroup(checked["gradient_accumulation_steps"])
         if "optim" in changes:
-            self.optimizer, carried = optim.swap(self.optimizer, self.optim_name, checked["optim"], t,
+            self.optimizer, carried = optim.swap(self.optimizer, fast.optimizer_name(self.optim_name, self.device),
+                                                 fast.optimizer_name(checked["optim"], self.device), t,
                                                  checked.get("weight_decay", t.weight_decay))
             self.optim_name = checked["optim"]
             if not carried and self.step:
@@ -378,12 +389,14 @@ class Trainer:
         self.model.eval()
         bs = self.cfg.train.per_device_eval_batch_size
         pad = self.tokenizer.pad_token_id
-        batches = [data.collate(self.eval_examples[i:i + bs], pad, packing=self.cfg.data.packing)
+        batches = [fast.prepare_batch(data.collate(self.eval_examples[i:i + bs], pad, packing=self.cfg.data.packing),
+                                      self.varlen)
                    for i in range(0, len(self.eval_examples), bs)]
         n_targets = max(1, sum(data.count_targets(b) for b in batches))
         total = torch.zeros((), device=self.device)
         for b in batches:
-            total += self.model(**self._to_device(b), num_items_in_batch=n_targets).loss.float()
+            with fast.autocast(self.device, self.loaded.dtype, self.model):
+                total += self.model(**self._to_device(b), num_items_in_batch=n_targets).loss.float()
         loss = float(total)
         self.model.train(was_training)
         self.emit(EvalEvent(step=self.step, eval_loss=loss, perplexity=math.exp(min(loss, 50.0))))
@@ -469,3 +482,15 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _leave_a_core_free() -> None:
+    """On the CPU, train on all cores but one unless the user chose a thread count.
+
+    The GUI's event loop (or the CLI's) shares the machine with the training thread; with every core
+    busy in torch's OpenMP pool, a 2-core machine stalls both, and steps get several times slower.
+    """
+    cores = os.cpu_count() or 1
+    if cores > 1 and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() >= cores:
+        torch.set_num_threads(cores - 1)
+

@@ -431,3 +431,62 @@ def test_load_examples_on_demo(tok):
     assert (len(s.train), len(s.eval), s.format, s.dropped) == (1900, 100, "prompt_completion", 0)
     ex = s.train[0]
     assert ex["input_ids"][-1] == EOS and ex["labels"][0] == X
+
+
+# ---------------------------------------------------------------- pre-tokenized rows
+
+
+def test_tokenized_rows_are_detected_and_kept_as_given(tmp_path, tok):
+    rows = [
+        {"input_ids": [5, 6, 7, 8], "labels": [X, X, 7, 8], "text": "ignored beside token ids"},
+        {"input_ids": [9, 10, 11]},  # no labels: every token is a target
+        {"input_ids": list(range(3, 23)), "labels": list(range(3, 23))},  # cut to max_length
+        {"input_ids": [4, 5], "labels": [4, X]},  # no target left after the shift: dropped
+    ]
+    assert detect_format(rows) == "tokenized"
+    p = write_jsonl(tmp_path / "tok.jsonl", rows)
+    s = load_examples(DataConfig(path=str(p), max_length=8, eval_fraction=0.0), tok, seed=0)
+    assert (s.format, s.dropped) == ("tokenized", 1)
+    assert s.train == [
+        {"input_ids": [5, 6, 7, 8], "labels": [X, X, 7, 8]},
+        {"input_ids": [9, 10, 11], "labels": [9, 10, 11]},
+        {"input_ids": list(range(3, 11)), "labels": list(range(3, 11))},
+    ]
+    forced = load_examples(DataConfig(path=str(p), format="tokenized", max_length=8, eval_fraction=0.0), tok, seed=0)
+    assert forced.train == s.train
+
+
+def test_tokenized_rows_from_csv_cells(tmp_path, tok):
+    p = tmp_path / "tok.csv"
+    p.write_text('input_ids,labels\n"[5, 6, 7]","[-100, 6, 7]"\n', encoding="utf-8")
+    s = load_examples(DataConfig(path=str(p), eval_fraction=0.0), tok, seed=0)
+    assert s.train == [{"input_ids": [5, 6, 7], "labels": [X, 6, 7]}]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"input_ids": [1, 2], "labels": [1]}, r"row 1: 'labels' has 1 entries for 2 input_ids"),
+    ({"input_ids": ["a", "b"]}, r"row 1: 'input_ids' is not a list of whole numbers"),
+    ({"input_ids": [1, True]}, r"row 1: 'input_ids' is not a list of whole numbers"),
+    ({"input_ids": [1, -2]}, r"row 1: 'input_ids' holds a negative id"),
+    ({"input_ids": []}, r"row 1: 'input_ids' is empty"),
+    ({"input_ids": [1, 2], "labels": [1, -5]}, r"row 1: 'labels' holds a negative id other than -100"),
+])
+def test_tokenized_rows_refuse_bad_values(tok, row, message):
+    with pytest.raises(DataError, match=message):
+        tokenize_rows([row], "tokenized", tok, 16, True)
+
+
+def test_tokenized_is_a_config_choice():
+    from engine import config as config_mod
+
+    assert config_mod.from_dict({"data": {"format": "tokenized"}}).data.format == "tokenized"
+
+
+def test_tokenized_rows_pack_like_any_other(tok):
+    examples, _ = tokenize_rows([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [X, 9]}],
+                                "tokenized", tok, 16, True)
+    b = collate(examples, pad_token_id=2, packing=True)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert b["labels"].tolist() == [[X, 6, 7, X, 9]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert count_targets(b) == 3

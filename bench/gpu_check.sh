@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Everything issue 4 needs from a CUDA machine, in one go (under ~9 minutes on an H100):
+#   1. install the carried wheels (bitsandbytes, liger-kernel, pytest) into /tmp/site,
+#   2. print the versions and what torch's varlen_attn takes,
+#   3. pytest -m gpu tests/engine/test_gpu.py,
+#   4. the benchmark in GPU mode, both jobs, with the engine's monitoring on and off.
+# Run from the repository root, with the wheels in .whl/ (see docs/BENCHMARKS.md for how to fetch
+# them). Everything is tee'd to $OUT (default ./gpu-check-out): gpu_check.log, pytest_gpu.txt,
+# bench_gpu.log, bench_gpu.json.
+set -u
+OUT="${OUT:-$PWD/gpu-check-out}"
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+PY="${PYTHON:-python3}"
+t0=$(date +%s)
+stamp() { echo "== $1 ($(( $(date +%s) - t0 )) s)"; }
+
+stamp "install wheels"
+WHEELS=$(ls .whl/bitsandbytes-*.whl .whl/liger_kernel-*.whl .whl/pytest-*.whl .whl/pluggy-*.whl \
+            .whl/iniconfig-*.whl .whl/pygments-*.whl 2>/dev/null)
+if [ -n "$WHEELS" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $WHEELS || echo "wheel install failed"
+fi
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TUNEDECK_CACHE="${TUNEDECK_CACHE:-/tmp/tunedeck-cache}"
+export TOKENIZERS_PARALLELISM=false
+
+stamp "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+timeout 60 $PY - <<'EOF'
+import inspect, platform, torch, transformers, peft
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "transformers", transformers.__version__, "peft", peft.__version__)
+for mod in ("liger_kernel", "bitsandbytes", "triton", "pytest"):
+    try:
+        m = __import__(mod)
+        print(mod, getattr(m, "__version__", "?"))
+    except Exception as e:
+        print(mod, "NOT importable:", type(e).__name__, e)
+try:
+    from torch.nn.attention.varlen import varlen_attn
+    print("varlen_attn", inspect.signature(varlen_attn))
+    from engine import fast
+    print("engine.fast.varlen_kernel features", fast.varlen_kernel() and fast.varlen_kernel()[1])
+except Exception as e:
+    print("varlen_attn NOT available:", type(e).__name__, e)
+EOF
+
+stamp "pytest -m gpu"
+timeout 170 $PY -m pytest -m gpu -q -p no:cacheprovider -rs tests/engine/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.txt"
+
+stamp "benchmark (gpu mode, both jobs, monitoring on/off)"
+timeout 330 $PY -m bench.vs_trainer --mode gpu --job all --steps 20 --warmup 10 --repeats 2 --monitoring \
+  --out "$OUT/bench_gpu.json" 2>&1 | grep -v "^{'loss'" | tee "$OUT/bench_gpu.log"
+
+stamp "done"

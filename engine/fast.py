@@ -1,0 +1,312 @@
+"""The engine's fast paths, each with a clean fallback where it cannot run.
+
+- Padding-free packing: a packed micro-batch (``data.collate(packing=True)``: one row, position ids
+  restarting at 0 per example) runs through the attention registered here as ``tunedeck_varlen``.
+  On CUDA it calls PyTorch's own varlen flash kernel (``torch.nn.attention.varlen.varlen_attn``)
+  with cumulative sequence lengths, so attention costs what the real tokens cost and never crosses
+  an example boundary. transformers builds no mask for it (the name has no mask function), which
+  also saves the dense block-diagonal mask it would otherwise build for SDPA. The cumulative
+  lengths are derived from the position ids on the host, before the copy to the device, so this
+  costs no host-device sync. Where the kernel cannot run (the CPU, an old torch, fp32, odd head
+  sizes) the same function runs SDPA once per example, which is exact too. The trainer uses the
+  kernel on CUDA and the per-example form on the CPU (where it beats the block mask: see
+  docs/BENCHMARKS.md); on CUDA without the kernel packed batches keep SDPA with transformers'
+  block-diagonal mask.
+- Fused AdamW on CUDA for ``adamw_torch``: the same algorithm as the foreach version HF uses for
+  that name (HF's own default optimizer is the fused one), in one kernel per step.
+- bf16 autocast on CUDA when the weights are bf16: LoRA's fp32 adapters then compute in bf16 as
+  under ``TrainingArguments(bf16=True)``, with fp32 master weights and optimizer state, and
+  without peft's cast of each adapter input to fp32 and back.
+- A batch without padding drops its all-ones attention mask, so transformers neither builds nor
+  checks one (checking it is a device sync).
+
+Liger's kernels are applied in ``engine.model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+VARLEN = "tunedeck_varlen"
+# The kwargs transformers' flash-attention integrations use for the same purpose; models pass any
+# extra forward kwargs down to their attention functions.
+CU_Q, CU_K, MAX_Q, MAX_K = "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"
+
+
+# ---------------------------------------------------------------- varlen attention
+
+
+@functools.cache
+def varlen_kernel() -> tuple[Any, dict[str, bool]] | None:
+    """``(varlen_attn, features)`` of this torch, or None. Its signature changed across versions:
+    causal is ``is_causal=True`` in 2.10, ``window_size=(-1, 0)`` later; ``scale`` and ``enable_gqa``
+    came later still."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    features = kernel_features(varlen_attn)
+    return (varlen_attn, features) if features is not None else None
+
+
+def kernel_features(fn: Any) -> dict[str, bool] | None:
+    """Which keywords a ``varlen_attn`` takes; None when it has no way to ask for causal attention."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    features = {name: name in params for name in ("window_size", "is_causal", "scale", "enable_gqa")}
+    return features if features["window_size"] or features["is_causal"] else None
+
+
+def register() -> str:
+    """Register ``tunedeck_varlen`` with transformers (idempotent); returns the name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    return VARLEN
+
+
+def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the varlen flash kernel can run here: CUDA, a torch that has it, half precision."""
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and varlen_kernel() is not None
+
+
+def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cumulative lengths (int32, ``[0, l0, l0+l1, ..., total]``) and the longest length of the
+    sequences in a packed batch, each of which starts where its position id is 0. Rows are read end
+    to end; a row that does not start at 0 still starts a sequence. On a CUDA tensor this syncs."""
+    flat = position_ids.reshape(-1)
+    total = flat.numel()
+    starts = torch.nonzero(flat == 0).flatten()
+    row_starts = torch.arange(0, total, max(1, position_ids.shape[-1]), device=flat.device)
+    starts = torch.unique(torch.cat([starts, row_starts]))  # sorted
+    cu = torch.cat([starts, torch.tensor([total], device=flat.device)]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max()) if total else 0
+    return cu, max_len
+
+
+def packed_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
+    """The forward kwargs that route a packed batch through ``tunedeck_varlen`` without a sync."""
+    cu, max_len = cu_seqlens(position_ids)
+    return {CU_Q: cu, CU_K: cu, MAX_Q: max_len, MAX_K: max_len}
+
+
+# The position ids last derived from (held, so their memory cannot be reused under the same address).
+_derived: dict[str, Any] = {"ids": None, "version": -1, "value": None}
+
+
+def _derive_on_device(position_ids: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """For callers that pass only position ids: derive once per forward (every layer gets the same
+    tensor object), at the cost of one sync. None when the batch is a single sequence per row."""
+    if _derived["ids"] is not position_ids or _derived["version"] != position_ids._version:
+        cu, max_len = cu_seqlens(position_ids)
+        packed = cu.numel() - 1 > position_ids.reshape(-1, position_ids.shape[-1]).shape[0]
+        _derived.update(ids=position_ids, version=position_ids._version, value=(cu, max_len) if packed else None)
+    return _derived["value"]
+
+
+def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def _per_sequence(query, key, value, cu: list[int], dropout: float, scaling: float | None) -> torch.Tensor:
+    """Exact varlen attention from SDPA, once per sequence. In: [1, H, T, D]; out: [1, T, H, D]."""
+    gqa: dict[str, Any] = {}
+    if query.shape[1] != key.shape[1]:
+        if _sdpa_has_gqa():
+            gqa["enable_gqa"] = True
+        else:
+            key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+            value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    outs = []
+    for s, e in zip(cu[:-1], cu[1:], strict=True):
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True, scale=scaling,
+            **gqa))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+@functools.cache
+def _sdpa_has_gqa() -> bool:
+    q = torch.zeros(1, 2, 2, 8)
+    k = torch.zeros(1, 1, 2, 8)
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: [B, H, T, D] in, [B, T, H, D] out.
+
+    Packed input (cumulative lengths in kwargs, or position ids that restart) gets causal attention
+    within each sequence; anything else (generation with a KV cache, a plain unpadded batch, an
+    explicit mask) goes to SDPA unchanged.
+    """
+    cu = kwargs.pop(CU_Q, None)
+    max_len = kwargs.pop(MAX_Q, None)
+    kwargs.pop(CU_K, None)
+    kwargs.pop(MAX_K, None)
+    plain = attention_mask is not None or query.shape[2] != key.shape[2] or is_causal is False \
+        or not getattr(module, "is_causal", True)
+    if not plain and cu is None and kwargs.get("position_ids") is not None:
+        derived = _derive_on_device(kwargs["position_ids"])
+        if derived is not None:
+            cu, max_len = derived
+    if plain or cu is None:
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    b, hq, t, d = query.shape
+    hkv = key.shape[1]
+    kernel = varlen_kernel()
+    if kernel is None or not _kernel_ok(query, dropout, scaling, kernel[1]):
+        if b != 1:
+            query, key, value = (x.transpose(0, 1).reshape(1, x.shape[1], b * t, d) for x in (query, key, value))
+        cu_list = cu.tolist() if isinstance(cu, torch.Tensor) else list(cu)
+        out = _per_sequence(query, key, value, cu_list, dropout, scaling)
+        return out.reshape(b, t, hq, d), None
+    fn, features = kernel
+    q = query.transpose(1, 2).reshape(b * t, hq, d)
+    k = key.transpose(1, 2).reshape(b * t, hkv, d)
+    v = value.transpose(1, 2).reshape(b * t, hkv, d)
+    extra: dict[str, Any] = {}
+    if features["enable_gqa"]:
+        extra["enable_gqa"] = hq != hkv
+    elif hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    if features["scale"] and scaling is not None:
+        extra["scale"] = scaling
+    if features["window_size"]:
+        extra["window_size"] = (-1, 0)
+    else:
+        extra["is_causal"] = True
+    if cu.device != q.device:
+        cu = cu.to(q.device, non_blocking=True)
+    if max_len is None:
+        max_len = t
+    out = fn(q, k, v, cu, cu, int(max_len), int(max_len), **extra)
+    return out.reshape(b, t, hq, d), None
+
+
+def _kernel_ok(query: torch.Tensor, dropout: float, scaling: float | None, features: dict[str, bool]) -> bool:
+    """What the flash varlen kernel takes: CUDA, half precision, head size a multiple of 8 up to 256,
+    no attention dropout, and the default scale unless it takes ``scale``."""
+    d = query.shape[-1]
+    default_scale = scaling is None or abs(scaling - d**-0.5) < 1e-12
+    return (query.device.type == "cuda" and query.dtype in (torch.bfloat16, torch.float16) and dropout == 0
+            and d % 8 == 0 and d <= 256 and (features["scale"] or default_scale))
+
+
+def use_varlen(model: torch.nn.Module) -> bool:
+    """Switch ``model`` (a PreTrainedModel, maybe inside a PeftModel) to ``tunedeck_varlen``."""
+    register()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
+        return False
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", VARLEN):
+        return False  # eager or flash_attention_2 was asked for: the user's choice stands
+    setter = getattr(base, "set_attn_implementation", None)
+    try:
+        if setter is not None:
+            setter(VARLEN)
+        else:
+            config._attn_implementation = VARLEN
+    except (ValueError, KeyError, AttributeError):
+        return False
+    return getattr(config, "_attn_implementation", None) == VARLEN
+
+
+def enable_varlen(model: torch.nn.Module, packing: bool, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Switch packed batches to padding-free attention; returns how it runs, or None.
+
+    ``varlen_attn``: the flash varlen kernel (CUDA, half precision). ``sdpa_per_sequence``: on the
+    CPU, SDPA once per example, which costs the real tokens instead of the whole packed row squared
+    that the block-diagonal mask costs. Elsewhere (CUDA without the kernel, or in fp32) packed
+    batches keep SDPA with transformers' block-diagonal mask.
+    """
+    if not packing:
+        return None
+    if varlen_available(device, dtype):
+        mode = "varlen_attn"
+    elif device.type == "cpu":
+        mode = "sdpa_per_sequence"
+    else:
+        return None
+    return mode if use_varlen(model) else None
+
+
+# ---------------------------------------------------------------- batches, optimizer, precision
+
+
+def prepare_batch(batch: dict[str, torch.Tensor], varlen: bool) -> dict[str, Any]:
+    """Host-side touches to a collated batch before it is copied to the device."""
+    mask = batch.get("attention_mask")
+    if mask is not None and bool(mask.all()):
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+    if varlen and "position_ids" in batch:
+        batch = {**batch, **packed_kwargs(batch["position_ids"])}
+    return batch
+
+
+def optimizer_name(name: str, device: torch.device) -> str:
+    """The optimizer actually built for ``name``: AdamW's fused kernel on CUDA."""
+    return "adamw_torch_fused" if name == "adamw_torch" and device.type == "cuda" else name
+
+
+_lora_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _peft_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    if model not in _lora_layers:
+        try:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+        except ImportError:
+            BaseTunerLayer = ()  # noqa: N806
+        _lora_layers[model] = [m for m in model.modules() if BaseTunerLayer and isinstance(m, BaseTunerLayer)]
+    return _lora_layers[model]
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype, model: torch.nn.Module | None = None) -> Iterator[None]:
+    """bf16 autocast where the weights are bf16 on CUDA (as HF's ``bf16=True``); otherwise nothing.
+
+    Inside it, peft's LoRA layers skip casting their input to the fp32 adapter dtype: autocast casts
+    it straight back to bf16 for the matmul, so the round trip only costs two passes over the
+    activations per adapted layer (the values reaching the matmul are the same bf16 numbers).
+    """
+    if not (device.type == "cuda" and dtype == torch.bfloat16):
+        yield
+        return
+    layers = _peft_layers(model) if model is not None else []
+    saved = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            yield
+    finally:
+        for m, value in zip(layers, saved, strict=True):
+            m.cast_input_dtype_enabled = value
