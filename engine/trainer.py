@@ -199,8 +199,8 @@ class Trainer:
                 self.evaluate()
             if t.save_steps and self.step % t.save_steps == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
-        verdict = self._drain_final()
-        return self._finish(verdict or "completed")
+        # Commands that arrived during the last step still get their answer.
+        return self._finish(self._boundary() or "completed")
 
     def _next_micro_batches(self) -> list[list[dict]]:
         """The examples of each micro-batch of the next optimizer step."""
@@ -280,17 +280,6 @@ class Trainer:
             except queue.Empty:
                 if self.state == "paused":
                     continue
-                return None
-            verdict = self._apply(cmd)
-            if verdict is not None:
-                return verdict
-
-    def _drain_final(self) -> str | None:
-        """Commands that arrived during the last step still get their answer."""
-        while True:
-            try:
-                cmd = self.commands.get_nowait()
-            except queue.Empty:
                 return None
             verdict = self._apply(cmd)
             if verdict is not None:

@@ -442,7 +442,7 @@ def fmt_number(v: Any) -> str:
             return str(v)
         if v == 0:
             return "0"
-        if abs(v) < 1e-3 or abs(v) >= 1e6:
+        if abs(v) < 1e-2 or abs(v) >= 1e6:
             mant, exp = f"{v:.3e}".split("e")
             mant = mant.rstrip("0").rstrip(".")
             return f"{mant}e{int(exp)}"

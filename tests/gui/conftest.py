@@ -61,8 +61,9 @@ def make_window(qtbot, settings):
     windows = []
 
     def make(factory=None, restore=True):
+        # Not qtbot.addWidget: pytest-qt would close it before this fixture ends the run, and closing
+        # during a run asks the user (a modal dialog nobody answers in a test).
         win = MainWindow(settings=settings, session_factory=factory, restore=restore)
-        qtbot.addWidget(win)
         win.resize(1400, 900)
         win.show()
         windows.append(win)
@@ -72,5 +73,8 @@ def make_window(qtbot, settings):
     for win in windows:  # never leave a training thread behind
         if win.bridge.active:
             win.bridge.send({"cmd": "cancel"})
-            qtbot.waitUntil(lambda w=win: not w.bridge.active, timeout=30_000)
+            qtbot.waitUntil(lambda w=win: not w.bridge.active, timeout=60_000)
         win.close_when_ended = False
+        win.close()
+        win.deleteLater()
+    qtbot.wait(1)

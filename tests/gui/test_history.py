@@ -101,5 +101,6 @@ def test_history_load_refuses_a_folder_without_metrics(tmp_path):
 
 def test_formatting():
     assert fmt_number(1e-4) == "1e-4" and fmt_number(0.03) == "0.03" and fmt_number(512) == "512"
+    assert fmt_number(0.003) == "3e-3" and fmt_number(2.3456) == "2.346"
     assert fmt_number(2.5e-5) == "2.5e-5"
     assert fmt_duration(3725) == "1:02:05" and fmt_duration(65) == "1:05" and fmt_duration(None) == "–"
