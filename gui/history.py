@@ -8,6 +8,7 @@ A past run is read back from its ``metrics.jsonl`` with :meth:`RunHistory.load`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -171,6 +172,11 @@ class RunHistory:
         elif isinstance(ev, ChangeEvent):
             self.changes.append(Change(ev.step, dict(ev.changes), ev.source))
         elif isinstance(ev, StartEvent):
+            resumed_at = int(getattr(ev, "step", 0) or 0)
+            if resumed_at and len(self.steps) and self.steps.last() > resumed_at:
+                # A resumed run appends to the same metrics.jsonl from its checkpoint's step on:
+                # drop the steps after it, which the resumed run redoes.
+                self.truncate(resumed_at)
             self.run_id, self.run_dir = ev.run_id, ev.run_dir
             self.config, self.model, self.data = ev.config, ev.model, ev.data
             self.total_steps = ev.total_steps
@@ -189,6 +195,24 @@ class RunHistory:
             self.problems.append(ev)
         elif isinstance(ev, EndEvent):
             self.status, self.output = ev.status, ev.output
+
+    def truncate(self, step: float) -> None:
+        """Forget everything reported after optimizer step ``step``."""
+
+        def cut(xs: Series, ys: list[Series]) -> None:
+            keep = int(np.searchsorted(xs.view, step, side="right"))
+            for s in (xs, *ys):
+                if len(s) > keep:
+                    vals = s.view[:keep].copy()
+                    s.clear()
+                    s.extend(vals)
+
+        cut(self.steps, list(self.series.values()))
+        cut(self.eval_steps, [self.eval_loss])
+        cut(self.sys_steps, list(self.system.values()))
+        self.changes = [c for c in self.changes if c.step <= step]
+        self.checkpoints = [c for c in self.checkpoints if c[0] <= step]
+        self.version += 1
 
     def extend(self, events: list[Event]) -> None:
         for ev in events:
@@ -360,18 +384,16 @@ def ema(values: np.ndarray, weight: float, state: tuple[float, int] = (0.0, 0)) 
     xs = x[finite]
     m = len(xs)
     smoothed_f = np.empty(m)
-    if m:
-        block = 256
-        while block > 8 and a ** block < 1e-300:  # keep a**k representable within a block
-            block //= 2
+    if 0 < m <= 64:  # the live case, a few new points: a plain loop beats building the kernel
+        for i, v in enumerate(xs.tolist()):
+            acc = a * acc + (1 - a) * v
+            count += 1
+            smoothed_f[i] = acc / (1.0 - a**count)
+    elif m:
+        block, kernel, powers = _ema_kernel(a)
         pad = (-m) % block
         xb = np.concatenate([xs, np.zeros(pad)]).reshape(-1, block)
-        k = np.arange(block)
-        # lower-triangular kernel: L[i, j] = a**(i-j) for j <= i
-        diff = k[:, None] - k[None, :]
-        kernel = np.where(diff >= 0, a ** np.clip(diff, 0, None), 0.0)
         partial = (1 - a) * (xb @ kernel.T)  # contribution of each block's own points
-        powers = a ** (k + 1)  # decay of the carried-in accumulator
         carry = np.empty(len(xb))
         c = acc
         ab = a**block
@@ -398,6 +420,18 @@ def ema(values: np.ndarray, weight: float, state: tuple[float, int] = (0.0, 0)) 
         prev = state[0] / (1.0 - a ** state[1]) if state[1] else np.nan
         out[idx < 0] = prev
     return out, (acc, count)
+
+
+@functools.lru_cache(maxsize=8)
+def _ema_kernel(a: float) -> tuple[int, np.ndarray, np.ndarray]:
+    """Block size, lower-triangular kernel L[i, j] = a**(i-j) (j <= i) and a**(k+1), for ema()."""
+    block = 256
+    while block > 8 and a**block < 1e-300:  # keep a**k representable within a block
+        block //= 2
+    k = np.arange(block)
+    diff = k[:, None] - k[None, :]
+    kernel = np.where(diff >= 0, a ** np.clip(diff, 0, None), 0.0)
+    return block, kernel, a ** (k + 1)
 
 
 class Smoother:

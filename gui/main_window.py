@@ -12,7 +12,7 @@ import contextlib
 from pathlib import Path
 
 import yaml
-from PySide6.QtCore import QSettings, Qt
+from PySide6.QtCore import QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import QDockWidget, QFileDialog, QMainWindow, QMessageBox, QVBoxLayout, QWidget
 
@@ -39,7 +39,7 @@ from engine.protocol import (
     SystemEvent,
 )
 from gui.bridge import SessionBridge, SessionFactory
-from gui.history import RunHistory
+from gui.history import RunHistory, fmt_number
 from gui.widgets.banner import Banner
 from gui.widgets.controls import RunControls, RunStatus
 from gui.widgets.log import LogPanel, advice_for
@@ -112,6 +112,13 @@ class MainWindow(QMainWindow):
         self.samples.generate.connect(lambda prompt, n: self.send(Sample(prompt=prompt, max_new_tokens=n)))
         self.bridge.events.connect(self._on_events)
         self.bridge.ended.connect(self._on_ended)
+        # The status bar follows the steps at 4 Hz: enough to read, and the GUI thread (and the GIL)
+        # stays free for training.
+        self._pending_step: StepEvent | None = None
+        self._status_timer = QTimer(self)
+        self._status_timer.setInterval(250)
+        self._status_timer.timeout.connect(self._flush_status)
+        self._status_timer.start()
         c.set_config_ok(self.setup.problem is None, self.setup.problem or "")
 
         if restore:
@@ -256,7 +263,7 @@ class MainWindow(QMainWindow):
     def apply_live(self, changes: dict) -> None:
         if not changes:
             return
-        self.log.add("change", "applying " + ", ".join(f"{k}={v}" for k, v in changes.items()))
+        self.log.add("change", "applying " + ", ".join(f"{k}={fmt_number(v)}" for k, v in changes.items()))
         self.send(Set(values=dict(changes)))
 
     # ------------------------------------------------------------------ events
@@ -291,9 +298,15 @@ class MainWindow(QMainWindow):
             elif isinstance(ev, ErrorEvent):
                 self.banner.show_message(ev.message, advice_for(ev.kind, ev.advice))
         if last_step is not None:
-            self.status.update_step(last_step)
+            self._pending_step = last_step
+
+    def _flush_status(self) -> None:
+        if self._pending_step is not None:
+            self.status.update_step(self._pending_step)
+            self._pending_step = None
 
     def _on_ended(self, end: EndEvent) -> None:
+        self._flush_status()
         self.controls.set_state("idle")
         self.setup.set_running(False)
         self.samples.set_live(False)

@@ -6,10 +6,10 @@
         points keep arriving (the live case), zoomed into the last 1% while points keep arriving,
         and a hover read-out.
 
-    python -m gui.perf_check steps [--steps 200] [--set section.key=value ...]
-        The demo run's optimizer steps per second, headless (a TrainingSession drained in a loop,
-        as `tunedeck-train` does) and with the window open and plotting (driven by the real
-        window's Start button), on the same config, one after the other.
+    python -m gui.perf_check steps [--steps 200] [--repeats N] [--set section.key=value ...]
+        The demo run's optimizer steps per second, headless (`tunedeck-train --quiet` in a
+        subprocess) and with the window open and plotting (started with the real window's Start
+        button), on the same config, one after the other; both from the step events' elapsed_s.
 
 Both print a small table; run them under `xvfb-run` to include real painting, or with
 QT_QPA_PLATFORM=offscreen.
@@ -107,14 +107,37 @@ def bench_plots(points: int, rounds: int = 30, shot: str | None = None) -> dict[
     return out
 
 
-def bench_steps(steps: int, overrides: list[str]) -> dict[str, float]:
+def _rate(events) -> float:
+    """Optimizer steps per second over the run, leaving out the first steps (warm-up)."""
+    from engine.protocol import StepEvent
+
+    st = [e for e in events if isinstance(e, StepEvent)]
+    k = min(5, len(st) // 4)
+    if len(st) - k < 2:
+        return float("nan")
+    return (st[-1].step - st[k].step) / (st[-1].elapsed_s - st[k].elapsed_s)
+
+
+def _metrics(run_dir) -> list:
+    import json
+
+    from engine.protocol import event_from_dict
+
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
+        return [event_from_dict(json.loads(line)) for line in fh if line.strip()]
+
+
+def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str, float]:
+    """Same config, one after the other: `tunedeck-train --quiet` in a subprocess, then the window."""
+    import glob
+    import subprocess
     import tempfile
 
     from engine import config as cfgmod
-    from engine.protocol import EndEvent, StepEvent
-    from engine.session import TrainingSession
 
-    app = _app()
+    _app()
+    from PySide6.QtCore import QEventLoop, QSettings
+
     from gui.main_window import MainWindow
 
     preset = os.path.join(os.path.dirname(__file__), "..", "resources", "presets", "demo.yaml")
@@ -122,47 +145,42 @@ def bench_steps(steps: int, overrides: list[str]) -> dict[str, float]:
     tmp = tempfile.mkdtemp(prefix="tunedeck-perf-")
     cfg = cfgmod.apply_overrides(base, [f"train.max_steps={steps}", "train.eval_steps=0",
                                         "train.save_steps=0", f"train.output_dir={tmp}", *overrides])
-
-    def rate(events) -> float:
-        st = [e for e in events if isinstance(e, StepEvent)]
-        # skip the first steps (warm-up of kernels and allocator), time the rest
-        k = min(5, len(st) // 4)
-        if len(st) - k < 2:
-            return float("nan")
-        return (st[-1].step - st[k].step) / (st[-1].elapsed_s - st[k].elapsed_s)
-
-    # headless: what tunedeck-train does, minus the terminal
-    s = TrainingSession(cfg.copy())
-    s.start()
-    events = []
-    while True:
-        batch = s.drain()
-        events += batch
-        if any(isinstance(e, EndEvent) for e in batch):
-            break
-        time.sleep(0.05)
-    s.join()
-    headless = rate(events)
-
-    # the window, plotting live
-    from PySide6.QtCore import QSettings
-
-    settings = QSettings(os.path.join(tmp, "settings.ini"), QSettings.Format.IniFormat)
-    win = MainWindow(settings=settings)
-    win.resize(1600, 1000)
-    win.show()
-    win.set_config(cfg.copy())
-    seen = []
-    win.bridge.events.connect(seen.extend)
-    win.start_run()
-    while win.bridge.active:
-        app.processEvents()
-        time.sleep(0.005)
-    windowed = rate(seen)
-    win.close()
-    return {"steps": steps, "headless steps/s": headless, "window steps/s": windowed,
-            "window / headless": windowed / headless if headless else float("nan"),
-            "redraws": win.plots.redraws}
+    cfg_file = os.path.join(tmp, "config.yaml")
+    cfgmod.save(cfg, cfg_file)
+    out: dict[str, float] = {"steps": steps}
+    headless, windowed = [], []
+    for r in range(repeats):
+        # headless: the CLI, as a user runs it
+        hd = os.path.join(tmp, f"cli-{r}")
+        subprocess.run([sys.executable, "-m", "engine.cli", cfg_file, "--quiet", "--output-dir", hd],
+                       check=True, stdout=subprocess.DEVNULL)
+        headless.append(_rate(_metrics(glob.glob(os.path.join(hd, "*"))[0])))
+        # the window, plotting live (started with its Start button)
+        settings = QSettings(os.path.join(tmp, "settings.ini"), QSettings.Format.IniFormat)
+        win = MainWindow(settings=settings, restore=False)
+        win.resize(1600, 1000)
+        win.show()
+        wcfg = cfg.copy()
+        wcfg.train.output_dir = os.path.join(tmp, f"gui-{r}")
+        win.set_config(wcfg)
+        seen: list = []
+        win.bridge.events.connect(seen.extend)
+        redraws = win.plots.redraws
+        loop = QEventLoop()
+        win.bridge.ended.connect(loop.quit)
+        win.controls.start_action.trigger()
+        if win.bridge.active:
+            loop.exec()  # Qt's own loop, idle between events, as in the app
+        windowed.append(_rate(seen))
+        out[f"redraws (run {r + 1})"] = win.plots.redraws - redraws
+        win.close()
+    out["headless runs"] = " ".join(f"{v:.2f}" for v in headless)
+    out["window runs"] = " ".join(f"{v:.2f}" for v in windowed)
+    out["headless steps/s (tunedeck-train)"] = statistics.median(headless)
+    out["window steps/s"] = statistics.median(windowed)
+    out["window / headless"] = out["window steps/s"] / out["headless steps/s (tunedeck-train)"]
+    out["runs each (median shown)"] = repeats
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,11 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("steps")
     q.add_argument("--steps", type=int, default=200)
     q.add_argument("--set", action="append", default=[], dest="overrides")
+    q.add_argument("--repeats", type=int, default=1, help="alternate headless and window runs this many times")
     args = ap.parse_args(argv)
-    res = bench_plots(args.points, args.rounds, args.grab) if args.what == "plots" else bench_steps(args.steps, args.overrides)
-    print(f"platform: {os.environ.get('QT_QPA_PLATFORM') or 'default'}, python {sys.version.split()[0]}")
+    res = bench_plots(args.points, args.rounds, args.grab) if args.what == "plots" else bench_steps(args.steps, args.overrides, args.repeats)
+    from PySide6.QtGui import QGuiApplication
+
+    print(f"Qt platform: {QGuiApplication.platformName()}, python {sys.version.split()[0]}, "
+          f"{os.cpu_count()} CPUs")
     for k, v in res.items():
-        print(f"  {k:28s} {v:,.2f}" if isinstance(v, float) else f"  {k:28s} {v}")
+        print(f"  {k:34s} {v:,.2f}" if isinstance(v, float) else f"  {k:34s} {v}")
     return 0
 
 

@@ -115,6 +115,7 @@ class RunStatus(QWidget):
         for w in (self.state_label, self.step_label, self.progress, self.elapsed_label, self.eta_label,
                   self.tps_label):
             lay.addWidget(w)
+        lay.addStretch(1)
         self.state_label.setToolTip("What the run is doing")
         self.step_label.setToolTip("Optimizer steps done / planned")
         self.eta_label.setToolTip("Estimated time left, from the recent step times")

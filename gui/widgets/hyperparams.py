@@ -260,7 +260,8 @@ class HyperparamForm(QWidget):
         self.apply_bar = QWidget()
         ab = QHBoxLayout(self.apply_bar)
         ab.setContentsMargins(0, 0, 0, 0)
-        self.apply_hint = QLabel("Live: edit a green-tipped field, then Apply.")
+        self.apply_hint = QLabel("The run is going: the fields still enabled below change it live. "
+                                 "Edit them, then Apply.")
         self.apply_hint.setStyleSheet("color: #8a9099;")
         self.apply_hint.setWordWrap(True)
         self.apply_button = QPushButton("Apply")

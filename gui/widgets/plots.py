@@ -10,16 +10,22 @@ plot; moving the mouse over any plot shows the values at that step in the read-o
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtCore import QLineF, QRectF, Qt, QTimer, Signal
+from PySide6.QtGui import QColor, QPen
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget
 
 from gui.history import Change, Envelope, RunHistory, Series, Smoother, fmt_number
-from gui.widgets.theme import COLORS, GRID_ALPHA, MUTED
+from gui.widgets.theme import COLORS, GRID, GRID_MINOR, MUTED
 
 REDRAW_MS = 50  # at most 20 redraws a second, whatever the step rate
+# ...and live redraws take at most this share of the GUI thread: where a redraw is slow (a big
+# window, software rendering, a busy CPU) they come less often, so training keeps the CPU and the GIL.
+MAX_DUTY = 0.05
+MAX_INTERVAL_S = 0.5
 
 
 def _pen(color: str, width: int = 1, dash: bool = False) -> pg.QtGui.QPen:
@@ -38,6 +44,71 @@ def nice_ceil(v: float) -> float:
         if m * mag >= v * (1 - 1e-12):
             return m * mag
     return 10 * mag
+
+
+class GridLines(pg.GraphicsObject):
+    """Grid lines at the axes' major ticks, drawn in one drawLines call with opaque pens.
+
+    pyqtgraph's own grid (showGrid) draws alpha-blended lines through each axis' QPicture and
+    tripled the painting time of the window; this costs a fraction and looks the same.
+    """
+
+    def __init__(self, plot: pg.PlotItem) -> None:
+        super().__init__()
+        self.plot = plot
+        self.vb = plot.vb
+        self.pen = QPen(QColor(GRID))
+        self.pen.setCosmetic(True)
+        self.minor_pen = QPen(QColor(GRID_MINOR))
+        self.minor_pen.setCosmetic(True)
+        self._lines: tuple[list[QLineF], list[QLineF]] = ([], [])
+        self._rect = QRectF()
+        self.setZValue(-100)
+        self.vb.sigRangeChanged.connect(self._changed)
+        self.vb.sigResized.connect(self._changed)
+
+    def _changed(self, *_args) -> None:
+        self.prepareGeometryChange()
+        self._rect = QRectF(self.vb.viewRect())
+        r = self._rect
+        major: list[QLineF] = []
+        minor: list[QLineF] = []
+        x_axis, y_axis = self.plot.getAxis("bottom"), self.plot.getAxis("left")
+        if self.vb.width() > 0 and self.vb.height() > 0:
+            xs = x_axis.tickValues(r.left(), r.right(), self.vb.width())
+            for v in xs[0][1] if xs else []:
+                major.append(QLineF(v, r.top(), v, r.bottom()))
+            lo, hi = sorted((r.top(), r.bottom()))
+            if not y_axis.logMode:
+                ys = y_axis.tickValues(lo, hi, self.vb.height())
+                for level, (_, vals) in enumerate(ys[:2]):
+                    for v in vals:
+                        (major if level == 0 else minor).append(QLineF(r.left(), v, r.right(), v))
+        self._lines = (major, minor)
+        self.update()
+
+    def boundingRect(self) -> QRectF:
+        return self._rect
+
+    def paint(self, p, *_args) -> None:
+        major, minor = self._lines
+        if minor:
+            p.setPen(self.minor_pen)
+            p.drawLines(minor)
+        if major:
+            p.setPen(self.pen)
+            p.drawLines(major)
+
+
+class TimedLayout(pg.GraphicsLayoutWidget):
+    """A GraphicsLayoutWidget that remembers how long its last paint took (for the redraw budget)."""
+
+    last_paint_s = 0.0
+
+    def paintEvent(self, ev) -> None:  # noqa: N802 (Qt name)
+        t = time.perf_counter()
+        super().paintEvent(ev)
+        self.last_paint_s = time.perf_counter() - t
 
 
 class Curve:
@@ -112,6 +183,7 @@ class PlotPanel(QWidget):
         self.smoother = Smoother(0.6)
         self.overlay_smoother = Smoother(0.6)
         self.redraws = 0
+        self.readout_text = ""  # the hover read-out, as plain text
 
         # -- toolbar
         bar = QHBoxLayout()
@@ -144,7 +216,7 @@ class PlotPanel(QWidget):
         bar.addWidget(self.readout, 1)
 
         # -- plots
-        self.glw = pg.GraphicsLayoutWidget()
+        self.glw = TimedLayout()
         self.glw.ci.setSpacing(2)
         # One column: X-linked views line up on screen, so one step is one vertical line everywhere.
         titles = ["loss", "learning rate", "gradient norm", "throughput (tokens/s)", "memory (MB)"]
@@ -154,7 +226,7 @@ class PlotPanel(QWidget):
             self.glw.ci.layout.setRowStretchFactor(i, stretch)
         for p, title in zip(self.plots, titles, strict=True):
             p.setTitle(title, size="9pt", color=MUTED)
-            p.showGrid(x=True, y=True, alpha=GRID_ALPHA)
+            p.vb.addItem(GridLines(p), ignoreBounds=True)
             left, bottom = p.getAxis("left"), p.getAxis("bottom")
             left.setWidth(64)
             # major grid lines only: minor ones triple the painting time and add little
@@ -167,6 +239,7 @@ class PlotPanel(QWidget):
                         verSpacing=-8, horSpacing=12, colCount=3)
             p.setDownsampling(auto=True, mode="peak")
             p.setClipToView(True)
+            p.hideButtons()  # the Fit button (or a double-click) replaces pyqtgraph's per-plot "A"
             if p is not self.loss_plot:
                 p.setXLink(self.loss_plot)
         self.plots[-1].setLabel("bottom", "optimizer step", color=MUTED)
@@ -226,10 +299,21 @@ class PlotPanel(QWidget):
         self.log_y.toggled.connect(self._log_toggled)
         self.reset_zoom.clicked.connect(self.fit)
 
+        self._next_ok = 0.0
         self._timer = QTimer(self)
         self._timer.setInterval(REDRAW_MS)
-        self._timer.timeout.connect(self.refresh)
+        self._timer.timeout.connect(self._tick)
         self._timer.start()
+
+    def _tick(self) -> None:
+        """Timer: redraw new data within the time budget; a zoom or pan is redrawn at once."""
+        now = time.perf_counter()
+        if not self._view_dirty and now < self._next_ok:
+            return
+        t = time.perf_counter()
+        if self.refresh():
+            cost = (time.perf_counter() - t) + self.glw.last_paint_s
+            self._next_ok = now + min(MAX_INTERVAL_S, cost / MAX_DUTY)
 
     # ------------------------------------------------------------------ data
 
@@ -270,10 +354,16 @@ class PlotPanel(QWidget):
             p.setAutoVisible(y=True)
         self._view_dirty = True
 
+    def _no_x_autorange(self) -> None:
+        # Every linked view must stop auto-ranging x, or the first one to fit its own data drags
+        # the others (and the loss plot) along.
+        for p in self.plots:
+            p.vb.enableAutoRange(x=False)
+
     def show_range(self, lo: float, hi: float) -> None:
         """Zoom every plot to steps [lo, hi] and stop following (as a mouse zoom does)."""
         self.following = False
-        self.loss_plot.vb.enableAutoRange(x=False)
+        self._no_x_autorange()
         self.loss_plot.setXRange(lo, hi, padding=0)
         self._view_dirty = True
 
@@ -292,7 +382,10 @@ class PlotPanel(QWidget):
             last = max(last, self.overlay.steps.last(0.0))
         if last > self._follow_hi or self._follow_hi == 0.0:
             self._follow_hi = nice_ceil(max(10.0, last * 1.15))
-            self.loss_plot.vb.enableAutoRange(x=False)
+            total = self.history.total_steps
+            if total and last <= total < self._follow_hi:
+                self._follow_hi = float(total)  # the planned end of the run is the natural edge
+            self._no_x_autorange()
             self.loss_plot.setXRange(0, self._follow_hi, padding=0.01)
 
     # ------------------------------------------------------------------ drawing
@@ -359,7 +452,7 @@ class PlotPanel(QWidget):
         vb = self.loss_plot.vb
         px = max(200, int(vb.width()))
         n = len(x)
-        if self.following or vb.autoRangeEnabled()[0] or n < 2:
+        if self.following or any(p.vb.autoRangeEnabled()[0] for p in self.plots) or n < 2:
             return 0, n, px
         x0, x1 = vb.viewRange()[0]
         i0 = max(0, int(np.searchsorted(x, x0)) - 1)
@@ -429,6 +522,7 @@ class PlotPanel(QWidget):
         i = h.index_at(step)
         if i is None:
             self.readout.setText("")
+            self.readout_text = ""
             return ""
         parts = [("step", f"{int(h.steps.view[i])}", None)]
         loss = h.series["loss"].view[i]
@@ -466,7 +560,8 @@ class PlotPanel(QWidget):
             for k, v, c in parts
         )
         self.readout.setText(html)
-        return "  ".join(f"{k} {v}" for k, v, _ in parts)
+        self.readout_text = "  ".join(f"{k} {v}" for k, v, _ in parts)
+        return self.readout_text
 
     def leaveEvent(self, event) -> None:  # noqa: N802 (Qt name)
         for line in self.cursors:

@@ -12,7 +12,8 @@ BASE = "#16181b"
 TEXT = "#d4d7dc"
 MUTED = "#8a9099"
 ACCENT = "#4fa3ff"
-GRID_ALPHA = 0.18
+GRID = "#2e3238"  # opaque grid colours (cheaper to paint than alpha-blended lines)
+GRID_MINOR = "#24272c"
 
 # One colour per series, the same in every plot and in the hover read-out.
 COLORS = {

@@ -64,7 +64,8 @@ def make_window(qtbot, settings):
         # Not qtbot.addWidget: pytest-qt would close it before this fixture ends the run, and closing
         # during a run asks the user (a modal dialog nobody answers in a test).
         win = MainWindow(settings=settings, session_factory=factory, restore=restore)
-        win.resize(1400, 900)
+        if settings.value("window/geometry") is None:
+            win.resize(1400, 900)
         win.show()
         windows.append(win)
         return win

@@ -104,3 +104,17 @@ def test_formatting():
     assert fmt_number(0.003) == "3e-3" and fmt_number(2.3456) == "2.346"
     assert fmt_number(2.5e-5) == "2.5e-5"
     assert fmt_duration(3725) == "1:02:05" and fmt_duration(65) == "1:05" and fmt_duration(None) == "–"
+
+
+def test_a_resumed_run_replaces_the_steps_it_redoes():
+    h = RunHistory()
+    h.add(StartEvent(run_id="r", total_steps=10))
+    for s in range(1, 8):
+        h.add(StepEvent(step=s, loss=10.0 - s))
+    h.add(ChangeEvent(step=6, changes={"learning_rate": [1e-4, 2e-4]}))
+    h.add(StartEvent(run_id="r", total_steps=10, step=4, resumed_from="ckpt/step-000004"))
+    for s in range(5, 11):
+        h.add(StepEvent(step=s, loss=1.0))
+    assert list(h.x()) == list(range(1, 11))
+    assert list(h.y("loss")) == [9.0, 8.0, 7.0, 6.0] + [1.0] * 6
+    assert h.changes == []

@@ -137,3 +137,39 @@ def test_overlay_of_a_second_run(qtbot):
 
 def test_nice_ceil():
     assert [nice_ceil(v) for v in (0.5, 9, 11, 1150, 70000)] == [0.5, 10, 12.5, 1250, 80000]
+
+
+def test_hovering_with_the_mouse_shows_values(qtbot):
+    from PySide6.QtCore import QPoint
+
+    p = PlotPanel()
+    qtbot.addWidget(p)
+    p.resize(900, 700)
+    p.show()
+    qtbot.waitExposed(p)
+    h = RunHistory()
+    p.set_history(h)
+    feed(h, 50)
+    p.refresh()
+    qtbot.wait(50)
+    vb = p.loss_plot.vb
+    centre = vb.mapViewToScene(pg.Point(25, float(h.y("loss")[24])))
+    pos = p.glw.mapFromScene(centre)
+    qtbot.mouseMove(p.glw.viewport(), QPoint(int(pos.x()), int(pos.y())))
+    qtbot.waitUntil(lambda: p.readout_text.startswith(("step 24 ", "step 25 ", "step 26 ")), timeout=3_000)
+    assert p.cursors[0].isVisible()
+
+
+def test_following_grows_the_x_range_in_round_steps(qtbot):
+    p = PlotPanel()
+    qtbot.addWidget(p)
+    p.resize(900, 700)
+    p.show()
+    h = RunHistory()
+    p.set_history(h)
+    feed(h, 82)
+    p.refresh()
+    qtbot.wait(20)
+    for pl in p.plots:  # every plot shows 0..100, not its own data's extent
+        lo, hi = pl.vb.viewRange()[0]
+        assert lo <= 0 and 100 <= hi <= 102
