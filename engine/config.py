@@ -9,6 +9,7 @@ that names the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -230,7 +231,13 @@ def field_choices(section: str, key: str) -> tuple[str, ...] | None:
 
 
 def field_type(section: str, key: str) -> Any:
-    return typing.get_type_hints(SECTIONS[section])[key]
+    return _hints(section)[key]
+
+
+@functools.cache
+def _hints(section: str) -> dict[str, Any]:
+    # get_type_hints re-evaluates every annotation; the GUI validates on each keystroke.
+    return typing.get_type_hints(SECTIONS[section])
 
 
 def _field(section: str, key: str) -> dataclasses.Field:

@@ -157,7 +157,7 @@ class SessionBridge(QObject):
             self._timer.stop()
             self._ended = True
             self.state = "idle"
-            self.wait(5.0)
+            self.wait(2.0)  # the thread only closes its log after the end event
         self.events.emit(batch)
         for ev in batch:
             if isinstance(ev, StartEvent):

@@ -297,6 +297,7 @@ class MainWindow(QMainWindow):
                 self.samples.add_sample(ev)
             elif isinstance(ev, ErrorEvent):
                 self.banner.show_message(ev.message, advice_for(ev.kind, ev.advice))
+                self.samples.command_refused()
         if last_step is not None:
             self._pending_step = last_step
 

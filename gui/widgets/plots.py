@@ -2,9 +2,11 @@
 
 All plots share one x range (``setXLink``), so zooming one zooms all. Curves read the numpy
 buffers of a :class:`~gui.history.RunHistory` and are redrawn by a timer at most ~20 times a
-second, only when the history moved, with peak downsampling and clip-to-view, so a million points
-per series stay smooth. Live changes (``change`` events) get a labelled vertical marker on every
-plot; moving the mouse over any plot shows the values at that step in the read-out line.
+second, only when the history moved, and within a small share of the GUI thread (``MAX_DUTY``).
+Each curve is handed only what is in view, reduced to about two points per pixel by a min/max
+pyramid (:class:`~gui.history.Envelope`), with pyqtgraph's peak downsampling and clip-to-view on
+top, so a million points per series stay smooth. Live changes (``change`` events) get a labelled
+vertical marker on every plot; moving the mouse over any plot shows the values at that step.
 """
 
 from __future__ import annotations
@@ -79,11 +81,10 @@ class GridLines(pg.GraphicsObject):
             for v in xs[0][1] if xs else []:
                 major.append(QLineF(v, r.top(), v, r.bottom()))
             lo, hi = sorted((r.top(), r.bottom()))
-            if not y_axis.logMode:
-                ys = y_axis.tickValues(lo, hi, self.vb.height())
-                for level, (_, vals) in enumerate(ys[:2]):
-                    for v in vals:
-                        (major if level == 0 else minor).append(QLineF(r.left(), v, r.right(), v))
+            ys = y_axis.tickValues(lo, hi, self.vb.height())  # in view coordinates, log mode too
+            for level, (_, vals) in enumerate(ys[:2]):
+                for v in vals:
+                    (major if level == 0 else minor).append(QLineF(r.left(), v, r.right(), v))
         self._lines = (major, minor)
         self.update()
 
@@ -114,12 +115,13 @@ class TimedLayout(pg.GraphicsLayoutWidget):
 class Curve:
     """A PlotDataItem fed through an :class:`Envelope`: only what is in view, at screen resolution.
 
-    It joins its plot's legend once it has data.
+    It joins its plot's legend (if the plot has one) once it has data.
     """
 
     def __init__(self, plot: pg.PlotItem, name: str, color: str, width: int = 1,
                  dash: bool = False, symbol: str | None = None) -> None:
-        self.plot, self.name = plot, name
+        self.plot, self.name, self.color, self.dash = plot, name, color, dash
+        self.has_data = False
         if symbol:
             self.item = plot.plot(pen=None, symbol=symbol, symbolSize=7, symbolBrush=pg.mkBrush(color),
                                   symbolPen=pg.mkPen("#1b1d21"))
@@ -149,12 +151,14 @@ class Curve:
         else:
             xs, ys = x[:n], y[:n]
         self.item.setData(xs, ys)
+        self.has_data = True
         if not self._in_legend and self.plot.legend is not None:
             self.plot.legend.addItem(self.item, self.name)
             self._in_legend = True
 
     def clear(self) -> None:
         self._key = None
+        self.has_data = False
         self.item.setData([], [])
         if self._in_legend and self.plot.legend is not None:
             self.plot.legend.removeItem(self.item)
@@ -220,6 +224,8 @@ class PlotPanel(QWidget):
         self.glw.ci.setSpacing(2)
         # One column: X-linked views line up on screen, so one step is one vertical line everywhere.
         titles = ["loss", "learning rate", "gradient norm", "throughput (tokens/s)", "memory (MB)"]
+        self.titles = titles
+        self._title_keys: dict[int, tuple] = {}
         self.plots = [self.glw.addPlot(row=i, col=0) for i in range(len(titles))]
         self.loss_plot, self.lr_plot, self.grad_plot, self.tput_plot, self.mem_plot = self.plots
         for i, stretch in enumerate((3, 1, 1, 1, 1)):
@@ -229,14 +235,15 @@ class PlotPanel(QWidget):
             p.vb.addItem(GridLines(p), ignoreBounds=True)
             left, bottom = p.getAxis("left"), p.getAxis("bottom")
             left.setWidth(64)
-            # major grid lines only: minor ones triple the painting time and add little
+            # fewer tick levels: less to lay out and paint, and a calmer look
             left.setStyle(maxTickLevel=1, maxTextLevel=1)
             bottom.setStyle(maxTickLevel=0)
             if p is not self.plots[-1]:
                 bottom.setStyle(showValues=False)
                 bottom.setHeight(4)
-            p.addLegend(offset=(-6, 2), labelTextSize="8pt", brush=pg.mkBrush(27, 29, 33, 190),
-                        verSpacing=-8, horSpacing=12, colCount=3)
+            if p is self.loss_plot:  # top right, where a falling loss leaves room; no background
+                p.addLegend(offset=(-6, 2), labelTextSize="8pt", verSpacing=-8, horSpacing=12, colCount=3)
+            # the smaller plots name their curves in the title line instead (see _titles)
             p.setDownsampling(auto=True, mode="peak")
             p.setClipToView(True)
             p.hideButtons()  # the Fit button (or a double-click) replaces pyqtgraph's per-plot "A"
@@ -244,6 +251,12 @@ class PlotPanel(QWidget):
                 p.setXLink(self.loss_plot)
         self.plots[-1].setLabel("bottom", "optimizer step", color=MUTED)
         self.lr_plot.getAxis("left").enableAutoSIPrefix(False)
+        # Learning rate, throughput and memory are read against zero: their y axis starts at 0 and
+        # grows to the largest value in view (a flat 500 tokens/s is not drawn as wild noise).
+        self.zero_based = [self.lr_plot, self.tput_plot, self.mem_plot]
+        self._zero_auto = {id(p): True for p in self.zero_based}
+        for p in self.zero_based:
+            p.enableAutoRange(y=False)
 
         self.c_loss_raw = Curve(self.loss_plot, "loss", COLORS["loss_raw"], 1)
         self.c_loss = Curve(self.loss_plot, "smoothed", COLORS["loss"], 2)
@@ -270,6 +283,10 @@ class PlotPanel(QWidget):
         self.o_tput = Curve(self.tput_plot, "compare", oc, 1, dash=True)
         self.o_mem = Curve(self.mem_plot, "compare", oc, 1, dash=True)
         self.overlay_curves = [self.o_loss, self.o_eval, self.o_lr, self.o_grad, self.o_tput, self.o_mem]
+        self._curves: dict[int, list[Curve]] = {}
+        for c in (self.c_lr, self.c_grad, self.c_tput, *self.c_mem.values(), *self.c_sys.values(),
+                  self.o_lr, self.o_grad, self.o_tput, self.o_mem):
+            self._curves.setdefault(id(c.plot), []).append(c)
         for c in self.overlay_curves:
             c.set_visible(False)
 
@@ -350,8 +367,11 @@ class PlotPanel(QWidget):
         self.following = True
         self._follow_hi = 0.0
         for p in self.plots:
-            p.enableAutoRange(y=True)
-            p.setAutoVisible(y=True)
+            if p in self.zero_based:
+                self._zero_auto[id(p)] = True
+            else:
+                p.enableAutoRange(y=True)
+                p.setAutoVisible(y=True)
         self._view_dirty = True
 
     def _no_x_autorange(self) -> None:
@@ -374,6 +394,27 @@ class PlotPanel(QWidget):
 
     def _manual_range(self, *_args) -> None:
         self.following = False
+        for p in self.zero_based:
+            if not p.vb.autoRangeEnabled()[1] and p.vb is self.sender():
+                self._zero_auto[id(p)] = False
+
+    def _zero_ranges(self) -> None:
+        for p in self.zero_based:
+            if not self._zero_auto[id(p)]:
+                continue
+            top = 0.0
+            for item in p.listDataItems():
+                if not item.isVisible():
+                    continue
+                _, y = item.getOriginalDataset()
+                if y is not None and len(y):
+                    with np.errstate(invalid="ignore"):
+                        m = np.nanmax(y) if np.isfinite(y).any() else 0.0
+                    top = max(top, float(m))
+            lo, hi = p.vb.viewRange()[1]
+            want = top * 1.1 if top > 0 else 1.0
+            if lo != 0 or want > hi * 1.0001 or want < 0.7 * hi:  # hysteresis: fewer axis redraws
+                p.setYRange(0, want, padding=0)
 
     def _follow(self) -> None:
         """While following, widen the x range to the next round number once the data reaches it."""
@@ -438,7 +479,22 @@ class PlotPanel(QWidget):
             else:
                 name = "gpu_used" if "gpu_used" in o.nonzero else "rss"
                 self._set(self.o_mem, o.sys_steps.view, o.system[name], self._window(o.sys_steps.view))
+        self._zero_ranges()
+        self._titles()
         return True
+
+    def _titles(self) -> None:
+        """Title of each small plot: its name, then its curves in their colours (no legend box)."""
+        for p, title in zip(self.plots[1:], self.titles[1:], strict=True):
+            shown = [c for c in self._curves.get(id(p), []) if c.has_data and c.item.isVisible()]
+            key = tuple((c.name, c.color) for c in shown)
+            if self._title_keys.get(id(p)) == key:
+                continue
+            self._title_keys[id(p)] = key
+            names = "&nbsp;&nbsp;".join(
+                f"<span style='color:{c.color}'>{'┄' if c.dash else '━'} {c.name}</span>" for c in shown)
+            sep = "&nbsp;&nbsp;&nbsp;" if names else ""
+            p.setTitle(f"<span style='color:{MUTED}'>{title}</span>{sep}{names}", size="9pt")
 
     def _set(self, curve: Curve, x: np.ndarray, series: Series, win: tuple[int, int, int]) -> None:
         env = self._envelopes.get(id(series))
@@ -515,6 +571,7 @@ class PlotPanel(QWidget):
 
     def show_readout(self, step: float) -> str:
         """Move the cursors to ``step`` and describe the values there; returns the text (plain)."""
+        self.hovered.emit(step)
         for line in self.cursors:
             line.setPos(step)
             line.setVisible(True)

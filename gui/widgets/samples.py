@@ -72,6 +72,12 @@ class SamplePanel(QWidget):
         self.status.setText("generating at the next step boundary…")
         self.generate.emit(text, self.max_tokens.value())
 
+    def command_refused(self) -> None:
+        """An error came back: a sample asked for may never arrive; stop saying it is on its way."""
+        if self.pending:
+            self.pending = 0
+            self.status.setText("the engine reported an error (see the log)")
+
     def add_sample(self, ev: SampleEvent) -> None:
         self.samples.append(ev)
         self.pending = max(0, self.pending - 1)
