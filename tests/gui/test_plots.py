@@ -19,6 +19,18 @@ def feed(h: RunHistory, n: int, start: int = 1) -> None:
                         mem_allocated_mb=100.0, total_steps=1000))
 
 
+def shown_panel(qtbot, size: tuple[int, int], steps: int) -> tuple[PlotPanel, RunHistory]:
+    """A visible panel of ``size`` following a history fed with ``steps`` steps."""
+    p = PlotPanel()
+    qtbot.addWidget(p)
+    p.resize(*size)
+    p.show()
+    h = RunHistory()
+    p.set_history(h)
+    feed(h, steps)
+    return p, h
+
+
 def test_curve_updates_do_not_leak_references_to_none(qtbot):
     """PySide6 6.12.0 + pyqtgraph 0.14 on Python 3.11: every arrayToQPath call lowered
     sys.getrefcount(None) until the interpreter crashed. We pin PySide6 < 6.12; this must stay green."""
@@ -39,13 +51,7 @@ def test_curve_updates_do_not_leak_references_to_none(qtbot):
 
 
 def test_live_data_markers_and_hover(qtbot):
-    p = PlotPanel()
-    qtbot.addWidget(p)
-    p.resize(1000, 700)
-    p.show()
-    h = RunHistory()
-    p.set_history(h)
-    feed(h, 20)
+    p, h = shown_panel(qtbot, (1000, 700), 20)
     h.add(ChangeEvent(step=20, changes={"learning_rate": [1e-4, 3e-4]}))
     h.add(EvalEvent(step=20, eval_loss=1.9, perplexity=6.7))
     h.add(SystemEvent(rss_mb=321.0))
@@ -67,13 +73,7 @@ def test_live_data_markers_and_hover(qtbot):
 
 
 def test_one_x_range_for_all_plots(qtbot):
-    p = PlotPanel()
-    qtbot.addWidget(p)
-    p.resize(1000, 700)
-    p.show()
-    h = RunHistory()
-    p.set_history(h)
-    feed(h, 500)
+    p, h = shown_panel(qtbot, (1000, 700), 500)
     p.refresh()
     p.show_range(100, 200)
     qtbot.wait(20)
@@ -161,13 +161,7 @@ def test_hovering_with_the_mouse_shows_values(qtbot):
 
 
 def test_following_grows_the_x_range_in_round_steps(qtbot):
-    p = PlotPanel()
-    qtbot.addWidget(p)
-    p.resize(900, 700)
-    p.show()
-    h = RunHistory()
-    p.set_history(h)
-    feed(h, 82)
+    p, h = shown_panel(qtbot, (900, 700), 82)
     p.refresh()
     qtbot.wait(20)
     for pl in p.plots:  # every plot shows 0..100, not its own data's extent
