@@ -62,3 +62,21 @@ def test_engine_never_imports_qt():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert int(out.stdout.split()[0]) >= 12
+
+
+def test_tensorboard_scalars_are_written_when_installed(tmp_path):
+    import pytest
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    s = TrainingSession(make_cfg(tmp_path, train__max_steps=3, data__eval_fraction=0.05, train__eval_steps=3),
+                        system_interval=0)
+    s.start()
+    assert s.join(timeout=120)
+    acc = EventAccumulator(str(s.run_dir / "tensorboard"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    recorded = [json.loads(x) for x in (s.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert losses == [pytest.approx(e["loss"]) for e in recorded if e["type"] == "step"]
+    assert [e.step for e in acc.Scalars("eval/loss")] == [3]
