@@ -248,7 +248,7 @@ class Trainer:
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.emit(WarningEvent(message=f"loss {loss} / grad norm {norm} at step {self.step + 1} is not finite; "
-                                           "paused before the optimizer step", kind="nan", advice=NAN_ADVICE))
+                                           "paused before the optimizer step; that batch is skipped", kind="nan", advice=NAN_ADVICE))
             self._set_state("paused")
             return None, None, tokens
         lr = self.schedule.lr()
