@@ -356,6 +356,15 @@ def validate_value(section: str, key: str, value: Any) -> Any:
     return value
 
 
+def problem(section: str, key: str, value: Any) -> str | None:
+    """The one-line refusal of ``value`` for ``section.key``, or None when it is valid."""
+    try:
+        validate_value(section, key, value)
+    except ConfigError as e:
+        return e.one_line()
+    return None
+
+
 def validate(cfg: Config) -> Config:
     """Check every value and the rules between them; return ``cfg`` with values coerced."""
     for name in SECTIONS:

@@ -126,11 +126,7 @@ class DataPicker(QWidget):
     def check(self) -> str | None:
         """The engine's complaint about the path itself (empty...), or None. A missing file is left
         to the engine: the preview says so, and Start reports it like any other run failure."""
-        try:
-            cfgmod.validate_value("data", "path", self.value())
-        except ConfigError as e:
-            return e.one_line()
-        return None
+        return cfgmod.problem("data", "path", self.value())
 
     def set_locked(self, locked: bool, why: str = "") -> None:
         for w in (self.path_edit, self.browse, self.demo):

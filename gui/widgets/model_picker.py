@@ -9,7 +9,6 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from engine import config as cfgmod
-from engine.errors import ConfigError
 
 TINY = "builtin:tiny"
 SUGGESTED = [TINY, "HuggingFaceTB/SmolLM2-135M-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B"]
@@ -84,11 +83,7 @@ class ModelPicker(QWidget):
         self.combo.blockSignals(False)
 
     def check(self) -> str | None:
-        try:
-            cfgmod.validate_value("model", "name_or_path", self.value())
-        except ConfigError as e:
-            return e.one_line()
-        return None
+        return cfgmod.problem("model", "name_or_path", self.value())
 
     def set_locked(self, locked: bool, why: str = "") -> None:
         self.combo.setEnabled(not locked)
