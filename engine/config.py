@@ -44,6 +44,8 @@ SCHEDULER_NAMES = (
 FORMAT_NAMES = ("auto", "prompt_completion", "alpaca", "messages", "text", "tokenized")
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 ATTN_NAMES = ("sdpa", "eager", "flash_attention_2")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # What can change while a run goes (DESIGN.md, "Commands and live changes").
 LIVE_KEYS = (
@@ -199,7 +201,19 @@ class TrainConfig:
         True,
         "Use Liger's fused Triton kernels when installed on a CUDA machine: less memory, more tokens/s.",
     )
-    torch_compile: bool = _f(False, "Compile the model with torch.compile (CUDA; slow first steps).")
+    torch_compile: bool = _f(
+        False,
+        "Compile the model with torch.compile: faster steps on a GPU once the first steps have compiled it "
+        "(new batch shapes and evaluation recompile, so short runs and the CPU rarely gain).",
+    )
+    torch_compile_backend: str = _f(
+        "inductor", "torch.compile backend when torch_compile is on: inductor generates fused kernels; "
+        "aot_eager only traces (a quick check that the model compiles).", COMPILE_BACKENDS,
+    )
+    torch_compile_mode: str = _f(
+        "default", "inductor's mode when torch_compile is on: reduce-overhead adds CUDA graphs (fixed shapes "
+        "only), max-autotune searches kernels for longer.", COMPILE_MODES,
+    )
 
 
 @dataclass

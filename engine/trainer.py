@@ -117,6 +117,7 @@ class Trainer:
             _leave_a_core_free()
         self.model, self.tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
         self.varlen = fast.enable_varlen(self.model, cfg.data.packing, self.device, self.loaded.dtype)
+        self.compiled: str | None = None
         splits = data.load_examples(cfg.data, self.tokenizer, t.seed)
         self.train_examples, self.eval_examples = splits.train, splits.eval
         if splits.dropped:
@@ -142,18 +143,28 @@ class Trainer:
         self.schedule = LRSchedule(t.lr_scheduler_type, t.learning_rate, total_steps, warmup, t.lr_scheduler_kwargs)
         if resume_state is not None:
             self._restore(resume_state)
-        if t.torch_compile and self.device.type == "cuda":
-            self.model = torch.compile(self.model)
+        if t.torch_compile:
+            self._compile()
         self._open_run_dir()
         self.emit(StartEvent(
             run_id=self.run_dir.name, config=cfg.to_dict(),
-            model={**self.loaded.info(), "attention": f"{fast.VARLEN} ({self.varlen})" if self.varlen else cfg.model.attn_implementation,
+            model={**self.loaded.info(), "compiled": self.compiled, "attention": f"{fast.VARLEN} ({self.varlen})" if self.varlen else cfg.model.attn_implementation,
                    "optimizer": fast.optimizer_name(t.optim, self.device)},
             data={"train_examples": len(self.train_examples), "eval_examples": len(self.eval_examples),
                   "format": splits.format, "dropped": splits.dropped},
             total_steps=self.total_steps, run_dir=str(self.run_dir),
             resumed_from=str(self.resume_from) if self.resume_from else None, changes=list(self.change_log),
             step=self.step))
+
+    def _compile(self) -> None:
+        """torch.compile the model in place (``Module.compile``), so parameter names, checkpoints,
+        ``generate`` and live changes see the same module as without it."""
+        t = self.cfg.train
+        kwargs: dict[str, Any] = {"backend": t.torch_compile_backend}
+        if t.torch_compile_backend == "inductor" and t.torch_compile_mode != "default":
+            kwargs["mode"] = t.torch_compile_mode
+        self.model.compile(**kwargs)
+        self.compiled = t.torch_compile_backend + (f" ({kwargs['mode']})" if "mode" in kwargs else "")
 
     def _open_run_dir(self) -> None:
         from engine import config as config_mod

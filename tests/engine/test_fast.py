@@ -308,3 +308,35 @@ def test_bench_cpu_mode_end_to_end(tmp_path, capsys):
         assert s["first_loss_diff"] < 1e-5  # same data order, same init: the same first loss
         assert s["speed_ratio"] > 0 and "monitoring_cost" in s
     assert "tokens/s engine/trainer" in capsys.readouterr().out
+
+
+def test_torch_compile_matches_eager_and_keeps_checkpoints_plain(tmp_path):
+    # The eager backend runs what dynamo captured without generating kernels: it checks what compiling
+    # changes for the engine (parameter names, generate, eval mode, resume) in seconds, not minutes.
+    # Inductor itself is timed in the GPU benchmark (bench/gpu_check.sh).
+    from engine.protocol import Eval, Sample
+
+    kw = dict(train__max_steps=4, train__save_steps=2, train__eval_steps=0)
+    at = {2: [Eval(), Sample(prompt="Upper: cat\n", max_new_tokens=4)]}
+    plain, p = run(make_cfg(tmp_path / "plain", **kw), at=at)
+    comp, c = run(make_cfg(tmp_path / "comp", train__torch_compile=True,
+                           train__torch_compile_backend="eager", **kw), at=at)
+    assert of(comp, "start")[0].model["compiled"] == "eager"
+    assert of(plain, "start")[0].model["compiled"] is None
+    a, b = steps(plain), steps(comp)
+    assert sorted(b) == [1, 2, 3, 4]
+    for s in a:
+        assert b[s].loss == pytest.approx(a[s].loss, rel=1e-5), s
+    assert of(comp, "eval")[0].eval_loss == pytest.approx(of(plain, "eval")[0].eval_loss, rel=1e-5)
+    assert of(comp, "sample")[0].text == of(plain, "sample")[0].text
+    from safetensors.torch import load_file
+
+    ckpt = c.run_dir / "checkpoints" / "step-000002"
+    keys_c = set(load_file(ckpt / "adapter_model.safetensors"))
+    keys_p = set(load_file(p.run_dir / "checkpoints" / "step-000002" / "adapter_model.safetensors"))
+    assert keys_c == keys_p and not [k for k in keys_c if "_orig_mod" in k]
+    # Resuming the compiled run's checkpoint (compiled again, from its saved config) continues it.
+    resumed, _ = run(None, resume_from=ckpt)
+    r = steps(resumed)
+    assert sorted(r) == [3, 4]
+    assert r[4].loss == pytest.approx(b[4].loss, rel=1e-5)
