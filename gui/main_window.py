@@ -12,7 +12,7 @@ import contextlib
 from pathlib import Path
 
 import yaml
-from PySide6.QtCore import QSettings, Qt, QTimer
+from PySide6.QtCore import QEvent, QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import QDockWidget, QFileDialog, QMainWindow, QMessageBox, QVBoxLayout, QWidget
 
@@ -411,6 +411,13 @@ class MainWindow(QMainWindow):
         box.exec()
         clicked = box.clickedButton()
         return "stop" if clicked is stop else "cancel" if clicked is cancel else "stay"
+
+    def changeEvent(self, event: QEvent) -> None:  # noqa: N802 (Qt name)
+        # Coming back to the window (say, after creating the missing dataset file in a terminal):
+        # check the paths again, so a stale "does not exist" does not keep Start off.
+        if event.type() == QEvent.Type.ActivationChange and self.isActiveWindow():
+            self.setup.revalidate()
+        super().changeEvent(event)
 
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 (Qt name)
         if self.bridge.active:

@@ -3,7 +3,9 @@
 :meth:`SetupPanel.config` builds the engine's ``Config`` from all of them through
 ``engine.config.from_dict``, so the rules between settings (4-bit needs LoRA, ...) are the engine's
 own; :attr:`problem` holds the first thing to fix, in the engine's words, and is shown in red
-above the form. Presets are plain config YAML files (``engine.config.load`` / ``save``).
+above the form. A local dataset file or model folder that does not exist is one too (the pickers'
+``check``), so Start is refused up front rather than failing the run. Presets are plain config
+YAML files (``engine.config.load`` / ``save``).
 """
 
 from __future__ import annotations

@@ -127,7 +127,8 @@ def test_dataset_preview_shows_rows_and_format(qtbot, tmp_path):
     p.data.set_value(str(tmp_path / "missing.jsonl"))
     qtbot.waitUntil(lambda: p.data.error is not None, timeout=10_000)
     assert "does not exist" in p.data.error
-    assert p.problem is None  # a missing file is the engine's to report when the run starts
+    assert p.problem == (f"dataset file {tmp_path / 'missing.jsonl'} does not exist "
+                         "(choose an existing file, a hub dataset owner/name, or builtin:demo)")
 
 
 def test_editor_text_reads_back_exactly():

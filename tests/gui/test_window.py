@@ -96,12 +96,14 @@ def test_bad_input_is_flagged_before_start(make_window, make_config, qtbot):
 def test_an_engine_failure_is_shown_and_a_new_run_can_start(make_window, make_config, qtbot, tmp_path):
     win = make_window()
     win.set_config(make_config("train.max_steps=3"))
-    win.setup.data.set_value(str(tmp_path / "no-such-data.jsonl"))
-    assert win.controls.start_action.isEnabled()  # the engine, not the form, knows the file is missing
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    win.setup.data.set_value(str(empty))
+    assert win.controls.start_action.isEnabled()  # the engine, not the form, finds it has no rows
     win.controls.start_action.trigger()
     qtbot.waitUntil(lambda: not win.bridge.active, timeout=60_000)
     assert win.isVisible()
-    assert win.banner.isVisible() and "does not exist" in win.banner.message
+    assert win.banner.isVisible() and "has no rows" in win.banner.message
     assert "error (data)" in win.log.text() and "run failed" in win.log.text()
     assert win.status.state == "failed"
     assert win.controls.start_action.isEnabled() and not win.controls.cancel_action.isEnabled()
