@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from engine import paths
 from engine.builtin import DEMO, DEMO_FILE
 from engine.config import DataConfig
 from engine.errors import DataError
@@ -36,11 +36,9 @@ REQUIRED = {
     "text": ("text",),
     "tokenized": ("input_ids",),
 }
-FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 # The short Alpaca layout: the long preamble of the original costs tokens and teaches nothing.
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
@@ -64,16 +62,13 @@ def load_rows(path: str, split: str = "train") -> list[dict]:
         if suffix not in readers:
             raise DataError(
                 f"{p} has the unsupported extension {suffix or '(none)'!r}",
-                f"save the data as one of {', '.join(FILE_TYPES)}",
+                f"save the data as one of {', '.join(paths.FILE_TYPES)}",
             )
         rows = readers[suffix](p)
-    elif p.is_dir() or (_HUB_NAME.match(source) and p.suffix.lower() not in FILE_TYPES):
+    elif paths.is_hub_dataset(source):
         rows = _load_hub(source, split)
     else:
-        raise DataError(
-            f"data file {p} does not exist",
-            "check data.path: a .jsonl/.json/.csv/.parquet file, a hub dataset owner/name, or builtin:demo",
-        )
+        raise paths.missing_dataset(source) or DataError(f"cannot read dataset {path!r}", "check data.path")
     if not rows:
         raise DataError(
             f"dataset {path} has no rows", "add examples to it, or point data.path at another dataset"

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from engine import builtin
+from engine import builtin, paths
 from engine.config import Config
 from engine.errors import ConfigError, ModelError
 
@@ -54,11 +54,9 @@ def resolve_path(name_or_path: str) -> str:
     if name_or_path.startswith("builtin:"):
         raise ConfigError(f"model.name_or_path={name_or_path!r} is not a builtin model", "use builtin:tiny")
     p = Path(name_or_path).expanduser()
-    # A hub id is "name" or "owner/name"; anything else that does not exist is a missing folder.
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not p.exists():
-        raise ModelError(f"model folder {name_or_path} does not exist",
-                         "give a folder saved with save_pretrained, a hub id like owner/name, or builtin:tiny")
+    missing = paths.missing_model(name_or_path)
+    if missing is not None:
+        raise missing
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():
             raise ModelError(f"{name_or_path} is not a model folder (no config.json)",

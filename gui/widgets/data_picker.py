@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import queue
-import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -31,29 +30,12 @@ from PySide6.QtWidgets import (
 )
 
 from engine import config as cfgmod
+from engine import paths
 from engine.builtin import DEMO
 from engine.errors import ConfigError, TunedeckError
 
 PREVIEW_ROWS = 5
 CELL_CHARS = 160
-# What engine.data.load_rows takes for a hub dataset rather than a file; mirrored here because that
-# module imports torch, which the window must not wait for. tests/gui pin the two to each other.
-HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
-FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
-
-
-def missing_file(path: str) -> str | None:
-    """The refusal of a dataset path that the engine would read as a local file but that does not
-    exist, or None: builtin:demo, an existing file or folder, and hub names are the engine's to load."""
-    if not path or path == DEMO:
-        return None
-    p = Path(path).expanduser()
-    if p.is_file() or p.is_dir() or (HUB_NAME.match(path) and p.suffix.lower() not in FILE_TYPES):
-        return None
-    return ConfigError(f"dataset file {p.absolute()} does not exist",
-                       "choose an existing file, a hub dataset owner/name, or builtin:demo").one_line()
-
-
 def cell_text(value: Any) -> str:
     """A compact one-cell rendering of a column value (chat messages as 'role: text' lines)."""
     if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
@@ -143,7 +125,8 @@ class DataPicker(QWidget):
     def check(self) -> str | None:
         """The engine's complaint about the path itself (empty...), then a local file that does not
         exist, or None. Start stays off while there is one; the preview shows the engine's own words."""
-        return cfgmod.problem("data", "path", self.value()) or missing_file(self.value())
+        missing = paths.missing_dataset(self.value())
+        return cfgmod.problem("data", "path", self.value()) or (missing.one_line() if missing else None)
 
     def set_locked(self, locked: bool, why: str = "") -> None:
         for w in (self.path_edit, self.browse, self.demo):

@@ -9,25 +9,15 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from engine import config as cfgmod
+from engine import paths
 from engine.builtin import TINY
-from engine.errors import ConfigError
 
 SUGGESTED = [TINY, "HuggingFaceTB/SmolLM2-135M-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B"]
 
 
 def missing_folder(name: str) -> str | None:
-    """The refusal of a model name that the engine would read as a local folder but that does not
-    exist, or None. As in engine.model.resolve_path (which imports torch, so it is mirrored here and
-    tests/gui pin the two together): a path starting with . / ~, or with more than one /, is local;
-    "name" and "owner/name" are hub ids."""
-    if not name or name.startswith("builtin:"):
-        return None
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-    p = Path(name).expanduser()
-    if not looks_local or p.exists():
-        return None
-    return ConfigError(f"model folder {p.absolute()} does not exist",
-                       "choose an existing folder, a hub id like owner/name, or builtin:tiny").one_line()
+    missing = paths.missing_model(name)
+    return missing.one_line() if missing else None
 
 
 def describe(name: str) -> tuple[str, bool]:

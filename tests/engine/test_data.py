@@ -267,7 +267,7 @@ def test_builtin_demo():
 
 def test_missing_file_names_path(tmp_path):
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(DataError, match=re.escape(f"data file {missing} does not exist")):
+    with pytest.raises(DataError, match=re.escape(f"dataset file {missing} does not exist")):
         load_rows(str(missing))
     with pytest.raises(DataError, match="does not exist"):
         load_rows("no_such_name")

@@ -11,7 +11,7 @@ from PySide6.QtWidgets import QApplication
 
 from engine.errors import TunedeckError
 from engine.protocol import Cancel, Stop
-from gui.widgets.data_picker import DataPicker, missing_file
+from gui.widgets.data_picker import DataPicker
 from gui.widgets.model_picker import missing_folder
 from gui.widgets.setup import SetupPanel
 from tests.gui.fake_session import factory
@@ -133,19 +133,20 @@ def test_both_missing_are_counted(qtbot, tmp_path):
     assert p.problem_label.text() == f"2 settings need fixing: {p.problem}"
 
 
-# The GUI mirrors the engine's rules (the engine modules import torch, which the window must not wait
-# for); these pin the mirror to the engine: the form refuses exactly what the engine would fail on.
+# The form and the engine share engine.paths; these check, name by name, that the form refuses
+# exactly what the engine would fail on, in the same words.
 
 DATA_PATHS = ["builtin:demo", "org/name", "org/name.v2", "squad", "missing.jsonl", "sub/missing.jsonl",
               "a/b/c", "~/tunedeck-no-such-file.jsonl", "/tunedeck-no-such-dir/x.csv", "builtin:other"]
 
 
 @pytest.mark.parametrize("path", [*DATA_PATHS, "<file>", "<dir>"])
-def test_the_dataset_rule_matches_the_engine(path, tmp_path, monkeypatch):
+def test_the_form_refuses_what_the_engine_fails_on_datasets(path, qtbot, tmp_path, monkeypatch):
     import engine.data
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(engine.data, "_load_hub", lambda name, split: [{"text": "from the hub"}])
+    monkeypatch.setattr(DataPicker, "refresh_preview", lambda self: None)
     if path == "<file>":
         (tmp_path / "ok.jsonl").write_text('{"text": "x"}\n')
         path = "ok.jsonl"
@@ -154,13 +155,16 @@ def test_the_dataset_rule_matches_the_engine(path, tmp_path, monkeypatch):
         path = "folder"
     try:
         engine.data.load_rows(path)
-        engine_missing = False
+        engine_says = None
     except TunedeckError as e:
-        engine_missing = "does not exist" in e.message
-    gui = missing_file(path)
-    assert (gui is not None) == engine_missing
-    if gui:
-        assert gui == data_refusal(Path(path).expanduser().absolute())
+        engine_says = e.one_line() if "does not exist" in e.message else None
+    picker = DataPicker()
+    qtbot.addWidget(picker)
+    picker.set_value(path)
+    form = picker.check()
+    assert form == engine_says
+    if form:
+        assert form == data_refusal(Path(path).expanduser().absolute())
 
 
 MODEL_NAMES = ["org/name", "gpt2", "./no-model", "/tunedeck-no-such-dir/model", "a/b/c",
@@ -168,7 +172,7 @@ MODEL_NAMES = ["org/name", "gpt2", "./no-model", "/tunedeck-no-such-dir/model", 
 
 
 @pytest.mark.parametrize("name", [*MODEL_NAMES, "<folder>", "<empty-folder>"])
-def test_the_model_rule_matches_the_engine(name, tmp_path, monkeypatch):
+def test_the_form_refuses_what_the_engine_fails_on_models(name, tmp_path, monkeypatch):
     import engine.model
 
     monkeypatch.chdir(tmp_path)
@@ -181,10 +185,10 @@ def test_the_model_rule_matches_the_engine(name, tmp_path, monkeypatch):
         name = "./empty"
     try:
         engine.model.resolve_path(name)
-        engine_missing = False
+        engine_says = None
     except TunedeckError as e:
-        engine_missing = "does not exist" in e.message
-    gui = missing_folder(name)
-    assert (gui is not None) == engine_missing
-    if gui:
-        assert gui == f"model folder {Path(name).expanduser().absolute()} does not exist {MODEL_FIX}"
+        engine_says = e.one_line() if "does not exist" in e.message else None
+    form = missing_folder(name)
+    assert form == engine_says
+    if form:
+        assert form == f"model folder {Path(name).expanduser().absolute()} does not exist {MODEL_FIX}"
