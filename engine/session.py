@@ -17,22 +17,38 @@ from typing import Any
 from engine.config import Config
 from engine.errors import TunedeckError
 from engine.monitor import SystemSampler
-from engine.protocol import Command, EndEvent, ErrorEvent, EvalEvent, Event, StepEvent, command_from_dict
+from engine.protocol import (
+    Command,
+    EndEvent,
+    ErrorEvent,
+    EvalEvent,
+    Event,
+    StartEvent,
+    StepEvent,
+    command_from_dict,
+)
 
 
 class RunLog:
-    """Writes events to metrics.jsonl; holds back those emitted before the run folder exists."""
+    """Writes events to metrics.jsonl; holds back those emitted before the run folder exists.
+
+    A resumed run appends to the same files from its checkpoint's step on. In metrics.jsonl its
+    ``start`` event (``step`` = the checkpoint's step) marks that the steps logged after it before are
+    superseded (the GUI drops them); in TensorBoard the writer is opened with ``purge_step``, the
+    TensorBoard way of saying the same, so its curves show each step once.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pending: list[Event] = []
         self._file = None
+        self._run_dir: Path | None = None
         self._tb = None
 
     def open(self, run_dir: Path) -> None:
         with self._lock:
             self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-            self._tb = _tensorboard(run_dir)
+            self._run_dir = run_dir
             pending, self._pending = self._pending, []
             for e in pending:
                 self._write(e)
@@ -47,6 +63,9 @@ class RunLog:
     def _write(self, event: Event) -> None:
         self._file.write(json.dumps(event.to_dict(), default=str) + "\n")
         self._file.flush()
+        if isinstance(event, StartEvent) and self._tb is None:
+            # Opened here, not with the folder: only the start event knows the step a resume begins at.
+            self._tb = _tensorboard(self._run_dir, purge_step=event.step + 1 if event.resumed_from else None)
         if self._tb is not None:
             if isinstance(event, StepEvent):
                 for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "mem_allocated_mb"):
@@ -64,13 +83,13 @@ class RunLog:
                 self._tb.close()
 
 
-def _tensorboard(run_dir: Path) -> Any:
+def _tensorboard(run_dir: Path, purge_step: int | None) -> Any:
     try:
         import tensorboard  # noqa: F401
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
 class TrainingSession:

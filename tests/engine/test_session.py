@@ -80,3 +80,35 @@ def test_tensorboard_scalars_are_written_when_installed(tmp_path):
     recorded = [json.loads(x) for x in (s.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert losses == [pytest.approx(e["loss"]) for e in recorded if e["type"] == "step"]
     assert [e.step for e in acc.Scalars("eval/loss")] == [3]
+
+
+def test_resume_from_an_earlier_checkpoint_supersedes_later_steps_in_tensorboard(tmp_path):
+    import pytest
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = TrainingSession(make_cfg(tmp_path, train__max_steps=6, train__save_steps=2), system_interval=0)
+    first.start()
+    assert first.join(timeout=120)
+    # Resume from step 2 of the finished 6-step run with another learning rate: steps 3..6 are redone.
+    ckpt = first.run_dir / "checkpoints" / "step-000002"
+    from engine import checkpoint
+
+    cfg, _ = checkpoint.read_state(ckpt)
+    second = TrainingSession(None, resume_from=ckpt, system_interval=0)
+    second.start()
+    assert second.join(timeout=120)
+    assert second.run_dir == first.run_dir and cfg.train.max_steps == 6
+    records = [json.loads(x) for x in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
+    starts = [i for i, e in enumerate(records) if e["type"] == "start"]
+    assert [records[i]["step"] for i in starts] == [0, 2]
+    # metrics.jsonl keeps both segments; the resumed one (after its start event) is what stands.
+    redone = [e for e in records[starts[1]:] if e["type"] == "step"]
+    assert [e["step"] for e in redone] == [3, 4, 5, 6]
+    kept = [e for e in records[:starts[1]] if e["type"] == "step" and e["step"] <= 2] + redone
+    acc = EventAccumulator(str(first.run_dir / "tensorboard"))
+    acc.Reload()
+    scalars = acc.Scalars("train/loss")
+    assert [e.step for e in scalars] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in scalars] == [pytest.approx(e["loss"]) for e in kept]
