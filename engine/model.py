@@ -6,7 +6,6 @@ Every model, the builtin one included, goes through ``AutoModelForCausalLM.from_
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 import torch
 
-from engine import builtin, paths
+from engine import builtin, liger, paths
 from engine.config import Config
 from engine.errors import ConfigError, ModelError
 
@@ -26,12 +25,13 @@ class Loaded:
     device: torch.device
     dtype: torch.dtype
     liger: bool = False
+    liger_rope: bool = False
 
     def info(self) -> dict[str, Any]:
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return {"params_total": total, "params_trainable": trainable, "dtype": str(self.dtype).removeprefix("torch."),
-                "device": str(self.device), "liger": self.liger}
+                "device": str(self.device), "liger": self.liger, "liger_rope": self.liger_rope}
 
 
 def pick_device() -> torch.device:
@@ -96,37 +96,6 @@ def quantization_config(cfg: Config, dtype: torch.dtype) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def _liger(model: torch.nn.Module, device: torch.device) -> bool:
-    """Swap in Liger's fused kernels (fused linear cross-entropy that never builds the logits, RMSNorm,
-    SwiGLU) on this model instance when possible.
-
-    Liger's per-model functions also patch names of the transformers modeling module (the norm and
-    MLP classes for models built later, and RoPE, which every model of that type reads at call time).
-    Those are put back, so no other model in the process (a baseline in a benchmark, the next run in
-    the GUI) changes behind its owner's back; RoPE therefore stays transformers' own.
-    """
-    if device.type != "cuda":
-        return False
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError:
-        return False
-    module = sys.modules.get(type(model).__module__)
-    saved = dict(vars(module)) if module is not None else {}
-    try:
-        # cross_entropy=False: for some model types Liger's plain cross-entropy patch replaces
-        # torch.nn.functional.cross_entropy process-wide; the fused linear one is per instance.
-        _apply_liger_kernel_to_instance(model=model, rope=False, cross_entropy=False, fused_linear_cross_entropy=True)
-    except Exception:  # an architecture Liger does not know: plain kernels are still correct
-        return False
-    finally:
-        for name, value in saved.items():
-            if vars(module).get(name) is not value:
-                setattr(module, name, value)
-    # Liger binds its forward on the instance; an unknown model type is left as it was.
-    return "forward" in vars(model)
-
-
 def load(cfg: Config, device: torch.device | None = None) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -158,9 +127,10 @@ def load(cfg: Config, device: torch.device | None = None) -> Loaded:
         tokenizer.pad_token = tokenizer.eos_token
     if quant is None:
         model.to(device)
-    liger = cfg.train.use_liger_kernel and _liger(model, device)
+    applied = liger.apply(model, device) if cfg.train.use_liger_kernel else liger.Applied()
     model = wrap_for_training(model, cfg, quantized=quant is not None)
-    return Loaded(model=model, tokenizer=tokenizer, device=device, dtype=dtype, liger=liger)
+    return Loaded(model=model, tokenizer=tokenizer, device=device, dtype=dtype, liger=applied.kernels,
+                  liger_rope=applied.rope)
 
 
 def wrap_for_training(model: torch.nn.Module, cfg: Config, *, quantized: bool) -> torch.nn.Module:

@@ -15,7 +15,7 @@ import math
 import os
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from engine import checkpoint, data, fast, optim
+from engine import checkpoint, data, fast, liger, optim
 from engine import model as model_mod
 from engine.config import LIVE_KEYS, Config, validate_value
 from engine.errors import ConfigError, TunedeckError
@@ -156,6 +156,12 @@ class Trainer:
             resumed_from=str(self.resume_from) if self.resume_from else None, changes=list(self.change_log),
             step=self.step))
 
+    @contextlib.contextmanager
+    def _compute(self) -> Iterator[None]:
+        """Around every forward pass of the model: bf16 autocast and Liger's RoPE where they apply."""
+        with fast.autocast(self.device, self.loaded.dtype, self.model), liger.fused_rope(self.loaded.liger_rope):
+            yield
+
     def _compile(self) -> None:
         """torch.compile the model in place (``Module.compile``), so parameter names, checkpoints,
         ``generate`` and live changes see the same module as without it."""
@@ -249,7 +255,7 @@ class Trainer:
                      for b in batches)
         loss_sum = torch.zeros((), device=self.device)
         for b in batches:
-            with fast.autocast(self.device, self.loaded.dtype, self.model):
+            with self._compute():
                 out = self.model(**self._to_device(b), num_items_in_batch=n_targets)
             out.loss.backward()
             loss_sum += out.loss.detach()
@@ -395,7 +401,7 @@ class Trainer:
         n_targets = max(1, sum(data.count_targets(b) for b in batches))
         total = torch.zeros((), device=self.device)
         for b in batches:
-            with fast.autocast(self.device, self.loaded.dtype, self.model):
+            with self._compute():
                 total += self.model(**self._to_device(b), num_items_in_batch=n_targets).loss.float()
         loss = float(total)
         self.model.train(was_training)
@@ -408,7 +414,7 @@ class Trainer:
         self.model.eval()
         enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
         # Generation must not draw from the training RNG, or a sample would change the run.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), self._compute():
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                       pad_token_id=self.tokenizer.pad_token_id)
         text = self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

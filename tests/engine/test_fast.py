@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from engine import builtin, fast
-from engine import model as model_mod
 from engine.data import IGNORE_INDEX, collate
 from engine.protocol import StepEvent, SystemEvent
 from engine.session import TrainingSession
@@ -260,16 +259,24 @@ def test_monitoring_off_has_no_sampler_and_sparse_step_events(tmp_path):
 # ---------------------------------------------------------------- Liger leaves other models alone
 
 
-def test_liger_patches_only_the_instance(monkeypatch, tiny):
+def test_liger_patches_only_the_instance_and_switches_rope(monkeypatch, tiny):
     """Liger's per-model functions swap module-level names too (norm and MLP classes, RoPE); those are
-    put back so no other model in the process changes."""
+    put back so no other model in the process changes, and RoPE becomes a switch that uses Liger's
+    kernel only inside liger.fused_rope()."""
+    from engine import liger
+
     mod = sys.modules[type(tiny).__module__]
     before = {k: getattr(mod, k) for k in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
-    seen = {}
+    plain_rope = before["apply_rotary_pos_emb"]
+    seen, fused_calls = {}, []
+
+    def fused_rope(q, k, cos, sin):  # a stand-in kernel: counts its calls, computes the same rotation
+        fused_calls.append(q.shape)
+        return plain_rope(q, k, cos, sin)
 
     def apply(model, **kw):
         seen.update(kw)
-        mod.apply_rotary_pos_emb = lambda *a, **k: None
+        mod.apply_rotary_pos_emb = fused_rope
         mod.LlamaRMSNorm = object
         mod.LlamaMLP = object
         model.forward = types.MethodType(lambda self, **k: None, model)
@@ -282,14 +289,49 @@ def test_liger_patches_only_the_instance(monkeypatch, tiny):
 
     other = AutoModelForCausalLM.from_pretrained(builtin.tiny_model_dir())
     try:
-        assert model_mod._liger(other, torch.device("cuda")) is True
-        assert seen == {"rope": False, "cross_entropy": False, "fused_linear_cross_entropy": True}
-        assert {k: getattr(mod, k) for k in before} == before
+        assert liger.apply(other, torch.device("cuda")) == liger.Applied(kernels=True, rope=True)
+        assert seen == {"rope": True, "cross_entropy": False, "fused_linear_cross_entropy": True}
+        switch = mod.apply_rotary_pos_emb
+        assert isinstance(switch, liger.RopeSwitch) and switch.plain is plain_rope and switch.fused is fused_rope
+        assert (mod.LlamaRMSNorm, mod.LlamaMLP) == (before["LlamaRMSNorm"], before["LlamaMLP"])
         assert "forward" in vars(other) and "forward" not in vars(tiny)
+        # Another model (here the untouched tiny one) keeps transformers' RoPE outside the switch...
+        ids = torch.tensor([[5, 6, 7, 8, 9]])
+        with torch.no_grad():
+            ref = tiny(input_ids=ids).logits
+            assert fused_calls == []
+            # ...and inside it gets the kernel in all 4 layers, with the same numbers.
+            with liger.fused_rope(True):
+                out = tiny(input_ids=ids).logits
+            assert len(fused_calls) == tiny.config.num_hidden_layers
+            assert torch.equal(out, ref)
+            with liger.fused_rope(False):
+                tiny(input_ids=ids)
+            assert len(fused_calls) == tiny.config.num_hidden_layers and liger.RopeSwitch.fused_on is False
+        # A second Liger model of the same type keeps the one switch.
+        again = AutoModelForCausalLM.from_pretrained(builtin.tiny_model_dir())
+        assert liger.apply(again, torch.device("cuda")) == liger.Applied(kernels=True, rope=True)
+        assert mod.apply_rotary_pos_emb is switch and switch.plain is plain_rope
     finally:
         for k, v in before.items():
             setattr(mod, k, v)
-    assert model_mod._liger(other, torch.device("cpu")) is False
+    assert liger.apply(other, torch.device("cpu")) == liger.Applied()
+
+
+def test_liger_is_left_out_for_a_model_type_it_does_not_know(monkeypatch, tiny):
+    from engine import liger
+
+    def apply(model, **kw):
+        raise ValueError("no Liger kernels for this model type")
+
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake._apply_liger_kernel_to_instance = apply
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    mod = sys.modules[type(tiny).__module__]
+    rope = mod.apply_rotary_pos_emb
+    assert liger.apply(tiny, torch.device("cuda")) == liger.Applied()
+    assert mod.apply_rotary_pos_emb is rope and "forward" not in vars(tiny)
 
 
 # ---------------------------------------------------------------- the benchmark, CPU mode
@@ -300,14 +342,21 @@ def test_bench_cpu_mode_end_to_end(tmp_path, capsys):
 
     out = tmp_path / "r.json"
     assert vs_trainer.main(["--mode", "cpu", "--job", "all", "--steps", "2", "--warmup", "2", "--repeats", "1",
-                            "--seq-len", "48", "--min-len", "8", "--monitoring", "--out", str(out)]) == 0
+                            "--seq-len", "48", "--min-len", "8", "--monitoring",
+                            "--variant", "padded:data.packing=false", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     for job in ("fixed", "variable"):
         s = result["summary"][job]
-        assert set(s["sides"]) == {"trainer", "engine", "engine-monitoring-off"}
+        assert set(s["sides"]) == {"trainer", "engine", "engine-monitoring-off", "engine-padded"}
         assert s["first_loss_diff"] < 1e-5  # same data order, same init: the same first loss
         assert s["speed_ratio"] > 0 and "monitoring_cost" in s
-    assert "tokens/s engine/trainer" in capsys.readouterr().out
+        padded = s["sides"]["engine-padded"]
+        assert abs(padded["first_loss"] - s["sides"]["trainer"]["first_loss"]) < 1e-5
+        assert s["variant_speed_ratio"]["engine-padded"] == padded["tokens_per_s"] / s["sides"]["trainer"]["tokens_per_s"]
+    runs = {(r["job"], r["side"]): r for r in result["runs"]}
+    assert runs[("variable", "engine")]["info"]["attention"] != runs[("variable", "engine-padded")]["info"]["attention"]
+    printed = capsys.readouterr().out
+    assert "tokens/s engine/trainer" in printed and "tokens/s engine-padded/trainer" in printed
 
 
 def test_torch_compile_matches_eager_and_keeps_checkpoints_plain(tmp_path):

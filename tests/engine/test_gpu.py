@@ -126,7 +126,46 @@ def test_liger_equals_plain_within_bf16(tmp_path, llama_dir):
     plain, _ = run(make_cfg(tmp_path / "b", train__use_liger_kernel=False, **kw))
     _completed(liger)
     assert of(liger, "start")[0].model["liger"] is True and of(plain, "start")[0].model["liger"] is False
+    assert of(liger, "start")[0].model["liger_rope"] is True
     a, b = steps(liger), steps(plain)
+    assert all(_close(a[s].loss, b[s].loss) for s in a), ([a[s].loss for s in a], [b[s].loss for s in b])
+
+
+def test_liger_rope_kernel_equals_transformers_rope(llama_dir):
+    """The switch hands the attention's RoPE to Liger's kernel: same rotation within bf16, forward and backward."""
+    pytest.importorskip("liger_kernel")
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from engine import liger
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).cuda()
+    assert liger.apply(model, torch.device("cuda")) == liger.Applied(kernels=True, rope=True)
+    switch = sys.modules[type(model).__module__].apply_rotary_pos_emb
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 96, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 2, 96, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.arange(96, device="cuda")[None].expand(2, -1)
+    cos, sin = model.model.rotary_emb(q, pos)
+    outs = {}
+    for on in (False, True):
+        with liger.fused_rope(on):
+            qo, ko = switch(q, k, cos, sin)
+        (qo.float().square().sum() + ko.float().sum()).backward()
+        outs[on] = (qo.detach(), ko.detach(), q.grad.clone(), k.grad.clone())
+        q.grad = k.grad = None
+    for a, b in zip(outs[False], outs[True]):
+        assert torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_torch_compile_inductor_equals_eager_within_bf16(tmp_path, llama_dir):
+    kw = dict(model__name_or_path=str(llama_dir), train__max_steps=4, data__packing=True)
+    comp, _ = run(make_cfg(tmp_path / "a", train__torch_compile=True, **kw))
+    plain, _ = run(make_cfg(tmp_path / "b", **kw))
+    _completed(comp)
+    assert of(comp, "start")[0].model["compiled"] == "inductor"
+    a, b = steps(comp), steps(plain)
     assert all(_close(a[s].loss, b[s].loss) for s in a), ([a[s].loss for s in a], [b[s].loss for s in b])
 
 
