@@ -1,7 +1,7 @@
 """Tunedeck's engine against plain ``transformers.Trainer`` + peft on the same LoRA job.
 
     python -m bench.vs_trainer --mode cpu|gpu --job fixed|variable|all [--steps N] [--warmup N]
-                               [--repeats R] [--monitoring] [--out results.json]
+                               [--repeats R] [--monitoring] [--variant NAME:KEY=VALUE,...] [--out results.json]
 
 Both sides get the same model folder, LoRA settings (r 32, alpha 64, dropout 0.1 on q, k, v, o),
 data in the same order, batch, sequence lengths, optimizer (adamw_torch), schedule (lr 1e-4 cosine,
@@ -249,7 +249,7 @@ def run_trainer(job: Job, repeat: int) -> Result:
 # ---------------------------------------------------------------- (b) the engine
 
 
-def run_engine(job: Job, repeat: int, monitoring: bool = True) -> Result:
+def run_engine(job: Job, repeat: int, monitoring: bool = True, variant: tuple[str, list[str]] | None = None) -> Result:
     from engine import config as config_mod
     from engine.protocol import EndEvent, ErrorEvent, StartEvent, StepEvent, SystemEvent
     from engine.session import TrainingSession
@@ -261,6 +261,8 @@ def run_engine(job: Job, repeat: int, monitoring: bool = True) -> Result:
     # Monitoring off: no sampler, step events only at the edges of the timed window (and the end).
     logging_steps = 1 if monitoring else math.gcd(job.warmup, job.steps)
     side = "engine" if monitoring else "engine-monitoring-off"
+    if variant is not None:
+        side = f"engine-{variant[0]}"
     cfg = config_mod.from_dict({
         "model": {"name_or_path": str(job.model_dir), "dtype": "auto", "attn_implementation": "sdpa"},
         "lora": {"enabled": True, **LORA},
@@ -272,8 +274,10 @@ def run_engine(job: Job, repeat: int, monitoring: bool = True) -> Result:
                   "logging_steps": logging_steps, "eval_steps": 0, "save_steps": 0,
                   "output_dir": str(job.tmp / f"{side}-{repeat}"), "use_liger_kernel": True},
     })
-    if job.engine_set:  # variants to try, e.g. train.torch_compile=true; the label says which
-        cfg = config_mod.apply_overrides(cfg, job.engine_set)
+    # --engine-set changes every engine side; a --variant adds its own on top, as a side of its own.
+    overrides = job.engine_set + (variant[1] if variant is not None else [])
+    if overrides:
+        cfg = config_mod.apply_overrides(cfg, overrides)
     session = TrainingSession(cfg, system_interval=1.0 if monitoring else 0)
     session.start()
     steps: dict[int, StepEvent] = {}
@@ -302,7 +306,8 @@ def run_engine(job: Job, repeat: int, monitoring: bool = True) -> Result:
         counted = sum(steps[s].tokens for s in range(job.warmup + 1, total + 1))
         assert counted == tokens, f"engine counted {counted} real tokens, the data holds {tokens}"
     first = steps[1].loss if 1 in steps else None
-    info = {k: start.model.get(k) for k in ("dtype", "device", "liger", "attention", "optimizer")} if start else {}
+    info = ({k: start.model.get(k) for k in ("dtype", "device", "liger", "liger_rope", "compiled", "attention",
+                                              "optimizer")} if start else {})
     info.update(system_events=systems, step_events=len(steps), logging_steps=logging_steps)
     del session
     _clean(device)
@@ -378,6 +383,9 @@ def summarize(results: list[Result]) -> dict[str, Any]:
                 summary["memory_ratio"] = b["peak_mb"] / a["peak_mb"]
             if a["first_loss"] is not None and b["first_loss"] is not None:
                 summary["first_loss_diff"] = abs(a["first_loss"] - b["first_loss"])
+        if a:
+            summary["variant_speed_ratio"] = {side: v["tokens_per_s"] / a["tokens_per_s"] for side, v in sides.items()
+                                              if side.startswith("engine-") and side != "engine-monitoring-off"}
         off = sides.get("engine-monitoring-off")
         if b and off:
             summary["monitoring_cost"] = 1 - b["tokens_per_s"] / off["tokens_per_s"]
@@ -426,6 +434,8 @@ def print_table(summary: dict[str, Any], mem_label: str) -> None:
             parts.append(f"|step-1 loss diff| = {s['first_loss_diff']:.2e}")
         if "monitoring_cost" in s:
             parts.append(f"monitoring cost = {100 * s['monitoring_cost']:.2f}%")
+        for side, ratio in s.get("variant_speed_ratio", {}).items():
+            parts.append(f"tokens/s {side}/trainer = {ratio:.3f}")
         print(f"{job}: " + ", ".join(parts))
 
 
@@ -444,11 +454,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch CPU threads for both sides (0: all cores but one on the CPU, as the engine picks)")
     p.add_argument("--engine-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override an engine setting (repeatable), e.g. train.torch_compile=true")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:SECTION.KEY=VALUE[,...]",
+                   help="also time the engine with these overrides, as side engine-NAME (repeatable), "
+                        "e.g. compile:train.torch_compile=true")
     p.add_argument("--skip-trainer", action="store_true", help="run the engine only (no ratios)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.mode == "gpu" and not torch.cuda.is_available():
         p.error("--mode gpu needs CUDA; use --mode cpu on this machine")
+    variants = []
+    for v in args.variant:
+        name, _, sets = v.partition(":")
+        if not name or not sets:
+            p.error(f"--variant {v!r}: write NAME:SECTION.KEY=VALUE[,SECTION.KEY=VALUE...]")
+        variants.append((name, sets.split(",")))
     if args.threads:
         torch.set_num_threads(args.threads)
     elif args.mode == "cpu":
@@ -480,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs.insert(0, lambda j=job, i=i: run_trainer(j, i))
                 if args.monitoring:
                     runs.append(lambda j=job, i=i: run_engine(j, i, monitoring=False))
+                runs += [lambda j=job, i=i, v=v: run_engine(j, i, variant=v) for v in variants]
                 for run in runs:
                     r = run()
                     results.append(r)
