@@ -449,6 +449,24 @@ class _ChatRenderer:
         return ids, mask
 
 
+def prompt_ids(tokenizer: Any, fmt: str, prompt: str) -> list[int]:
+    """A sampling prompt as token ids, laid out as the training examples of format ``fmt`` lay out
+    theirs up to where the answer starts, so a sample shows what the model learnt to do after it:
+    one user turn and the generation prompt for ``messages``, the Alpaca layout for ``alpaca``, the
+    text as typed (after BOS where the training text has one) otherwise. A prompt typed in the
+    layout already is left as it is."""
+    if fmt == "messages":
+        renderer = _ChatRenderer(tokenizer)
+        marker = "\x00"
+        lead = renderer.render([{"role": "user", "content": marker}], add_generation_prompt=True).split(marker)[0]
+        if not (lead.strip() and prompt.startswith(lead.strip())):
+            prompt = renderer.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        return _encode(tokenizer, [prompt])[0]
+    if fmt == "alpaca" and not prompt.startswith("### Instruction:"):
+        prompt = ALPACA_PROMPT.format(instruction=prompt)
+    return _bos(tokenizer) + _encode(tokenizer, [prompt])[0]
+
+
 # ---------------------------------------------------------------- the whole pipeline
 
 

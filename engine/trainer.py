@@ -120,6 +120,7 @@ class Trainer:
         self.compiled: str | None = None
         splits = data.load_examples(cfg.data, self.tokenizer, t.seed)
         self.train_examples, self.eval_examples = splits.train, splits.eval
+        self.data_format = splits.format
         if splits.dropped:
             self.emit(WarningEvent(message=f"{splits.dropped} examples had no answer token left within "
                                            f"data.max_length={cfg.data.max_length} and were dropped",
@@ -410,9 +411,13 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self, prompt: str, max_new_tokens: int) -> str:
+        prompt_ids = data.prompt_ids(self.tokenizer, self.data_format, prompt)
+        if not prompt_ids:
+            raise ConfigError("the sample prompt is empty", "type a prompt to continue")
         was_training = self.model.training
         self.model.eval()
-        enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
+        ids = torch.tensor([prompt_ids], device=self.device)
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         # Generation must not draw from the training RNG, or a sample would change the run.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), self._compute():
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,

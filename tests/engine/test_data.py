@@ -22,6 +22,7 @@ from engine.data import (
     load_examples,
     load_rows,
     preview,
+    prompt_ids,
     tokenize_rows,
 )
 from engine.errors import DataError
@@ -490,3 +491,29 @@ def test_tokenized_rows_pack_like_any_other(tok):
     assert b["labels"].tolist() == [[X, 6, 7, X, 9]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert count_targets(b) == 3
+
+
+# ---------------------------------------------------------------- sampling prompts
+
+
+@pytest.mark.parametrize("fmt, row", [
+    ("messages", {"messages": [{"role": "user", "content": "Capital of France?"},
+                               {"role": "assistant", "content": "Paris"}]}),
+    ("alpaca", {"instruction": "Capital of France?", "output": "Paris"}),
+    ("prompt_completion", {"prompt": "Capital of France?", "completion": "Paris"}),
+])
+def test_a_sampling_prompt_is_laid_out_as_the_training_examples(fmt, row):
+    tok = builtin.build_tokenizer()
+    (example,), _ = tokenize_rows([row], fmt, tok, 256, completion_only_loss=True)
+    answer_starts = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+    ids = prompt_ids(tok, fmt, "Capital of France?")
+    assert ids == example["input_ids"][:answer_starts]
+    # A prompt typed in the layout already is not wrapped twice.
+    assert prompt_ids(tok, fmt, tok.decode(ids)) == ids
+
+
+def test_a_chat_prompt_goes_through_the_tokenizers_template():
+    tok = builtin.build_tokenizer()
+    assert tok.decode(prompt_ids(tok, "messages", "hi")) == "<|user|>\nhi\n<|assistant|>\n"
+    assert tok.decode(prompt_ids(tok, "alpaca", "hi")) == "### Instruction:\nhi\n\n### Response:\n"
+    assert tok.decode(prompt_ids(tok, "text", "Once upon")) == "Once upon"

@@ -172,3 +172,35 @@ def test_schedule_lr_matches_unit_model(tmp_path):
         expected[step] = s.lr()
         s.advance()
     assert lrs_of(events) == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_sample_prompt_is_laid_out_as_the_training_data(tmp_path):
+    import json
+
+    from engine import data
+
+    rows = [{"messages": [{"role": "user", "content": f"Upper: {w}"}, {"role": "assistant", "content": w.upper()}]}
+            for w in ("cat", "dog", "sun", "sky", "sea", "owl", "elk", "yak")]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    events, t = run(make_cfg(tmp_path, train__max_steps=2, data__path=str(path), data__eval_fraction=0.0))
+    assert of(events, "start")[0].data["format"] == "messages"
+    seen = []
+    generate = t.model.generate
+
+    def spy(**kw):
+        seen.append(kw["input_ids"][0].tolist())
+        return generate(**kw)
+
+    t.model.generate = spy
+    text = t.sample("Upper: cow", max_new_tokens=3)
+    assert seen == [data.prompt_ids(t.tokenizer, "messages", "Upper: cow")]
+    assert t.tokenizer.decode(seen[0]) == "<|user|>\nUpper: cow\n<|assistant|>\n"
+    assert of(events, "sample")[-1].text == text and of(events, "sample")[-1].prompt == "Upper: cow"
+
+
+def test_an_empty_sample_prompt_is_refused_and_the_run_goes_on(tmp_path):
+    events, _ = run(make_cfg(tmp_path, train__max_steps=3), at={1: [Sample(prompt="", max_new_tokens=3)]})
+    errors = of(events, "error")
+    assert [e.message for e in errors] == ["the sample prompt is empty"]
+    assert not of(events, "sample") and events[-1].status == "completed" and events[-1].step == 3
