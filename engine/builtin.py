@@ -8,6 +8,7 @@ the demo dataset is small and regular enough for it to learn visibly on a CPU in
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -18,7 +19,21 @@ DEMO = "builtin:demo"
 # Bump when the model or tokenizer recipe changes, so stale caches are never reused.
 TINY_VERSION = "v3"
 
-RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+
+
+def _find_resources() -> Path:
+    """The checkout's ``resources/`` (also what an editable install uses); from a built wheel, the
+    same files installed as the package data of ``tunedeck_resources``."""
+    beside = Path(__file__).resolve().parent.parent / "resources"
+    if beside.is_dir():
+        return beside
+    spec = importlib.util.find_spec("tunedeck_resources")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return beside
+
+
+RESOURCES = _find_resources()
 DEMO_FILE = RESOURCES / "demo" / "demo.jsonl"
 
 SPECIALS = ["<s>", "</s>", "<pad>"]

@@ -7,7 +7,9 @@ import signal
 import sys
 from pathlib import Path
 
-ICON = Path(__file__).resolve().parent.parent / "resources" / "icons" / "tunedeck.svg"
+from engine import builtin
+
+ICON = builtin.RESOURCES / "icons" / "tunedeck.svg"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

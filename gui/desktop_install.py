@@ -17,7 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+from engine import builtin
+
+RESOURCES = builtin.RESOURCES
 DESKTOP = RESOURCES / "tunedeck.desktop"
 ICON_SVG = RESOURCES / "icons" / "tunedeck.svg"
 ICON_PNG = RESOURCES / "icons" / "tunedeck.png"

@@ -23,6 +23,8 @@ import statistics
 import sys
 import time
 
+from engine import builtin
+
 
 def _app():
     from PySide6.QtWidgets import QApplication
@@ -140,7 +142,7 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
 
     from gui.main_window import MainWindow
 
-    preset = os.path.join(os.path.dirname(__file__), "..", "resources", "presets", "demo.yaml")
+    preset = str(builtin.RESOURCES / "presets" / "demo.yaml")
     base = cfgmod.load(preset) if os.path.exists(preset) else cfgmod.Config()
     tmp = tempfile.mkdtemp(prefix="tunedeck-perf-")
     cfg = cfgmod.apply_overrides(base, [f"train.max_steps={steps}", "train.eval_steps=0",

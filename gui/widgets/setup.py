@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from engine import builtin
 from engine import config as cfgmod
 from engine.config import Config
 from engine.errors import ConfigError
@@ -33,7 +34,7 @@ from gui.widgets.data_picker import DataPicker
 from gui.widgets.hyperparams import HyperparamForm
 from gui.widgets.model_picker import ModelPicker
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "resources" / "presets"
+PRESETS_DIR = builtin.RESOURCES / "presets"
 
 
 class SetupPanel(QWidget):
