@@ -136,6 +136,15 @@ def test_both_missing_are_counted(qtbot, tmp_path):
 # The form and the engine share engine.paths; these check, name by name, that the form refuses
 # exactly what the engine would fail on, in the same words.
 
+def _engine_refusal(load, name: str) -> str | None:
+    """What the engine says when it loads ``name`` and finds nothing there, or None."""
+    try:
+        load(name)
+    except TunedeckError as e:
+        return e.one_line() if "does not exist" in e.message else None
+    return None
+
+
 DATA_PATHS = ["builtin:demo", "org/name", "org/name.v2", "squad", "missing.jsonl", "sub/missing.jsonl",
               "a/b/c", "~/tunedeck-no-such-file.jsonl", "/tunedeck-no-such-dir/x.csv", "builtin:other"]
 
@@ -153,11 +162,7 @@ def test_the_form_refuses_what_the_engine_fails_on_datasets(path, qtbot, tmp_pat
     elif path == "<dir>":
         (tmp_path / "folder").mkdir()
         path = "folder"
-    try:
-        engine.data.load_rows(path)
-        engine_says = None
-    except TunedeckError as e:
-        engine_says = e.one_line() if "does not exist" in e.message else None
+    engine_says = _engine_refusal(engine.data.load_rows, path)
     picker = DataPicker()
     qtbot.addWidget(picker)
     picker.set_value(path)
@@ -183,11 +188,7 @@ def test_the_form_refuses_what_the_engine_fails_on_models(name, tmp_path, monkey
     elif name == "<empty-folder>":
         (tmp_path / "empty").mkdir()
         name = "./empty"
-    try:
-        engine.model.resolve_path(name)
-        engine_says = None
-    except TunedeckError as e:
-        engine_says = e.one_line() if "does not exist" in e.message else None
+    engine_says = _engine_refusal(engine.model.resolve_path, name)
     form = missing_folder(name)
     assert form == engine_says
     if form:
