@@ -141,8 +141,14 @@ def test_liger_rope_kernel_equals_transformers_rope(llama_dir):
     from engine import liger
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).cuda()
+    module = sys.modules[type(model).__module__]
+    before = dict(vars(module))
     assert liger.apply(model, torch.device("cuda")) == liger.Applied(kernels=True, rope=True)
-    switch = sys.modules[type(model).__module__].apply_rotary_pos_emb
+    # Of the modeling module's names only RoPE changed, to the switch (checked with liger-kernel 0.8.5
+    # on the CPU machine too, where its Python patching runs though its kernels cannot).
+    assert [k for k in before if vars(module).get(k) is not before[k]] in ([], ["apply_rotary_pos_emb"])
+    switch = module.apply_rotary_pos_emb
+    assert isinstance(switch, liger.RopeSwitch) and switch.fused.__name__ == "liger_rotary_pos_emb"
     torch.manual_seed(0)
     q = torch.randn(2, 4, 96, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(2, 2, 96, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
