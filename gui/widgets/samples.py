@@ -64,8 +64,9 @@ class SamplePanel(QWidget):
             self.status.setText("")
 
     def _clicked(self) -> None:
-        text = self.prompt.toPlainText().strip()
-        if not text or not self.live:
+        # Sent as typed: a trailing newline is part of many training prompts ("Upper: cloud\n").
+        text = self.prompt.toPlainText()
+        if not text.strip() or not self.live:
             self.status.setText("Type a prompt first." if self.live else self.status.text())
             return
         self.pending += 1
