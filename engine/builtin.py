@@ -35,6 +35,8 @@ def _find_resources() -> Path:
 
 RESOURCES = _find_resources()
 DEMO_FILE = RESOURCES / "demo" / "demo.jsonl"
+# What the window opens on the first time and tunedeck-train runs without a config.
+DEMO_PRESET = RESOURCES / "presets" / "demo.yaml"
 
 SPECIALS = ["<s>", "</s>", "<pad>"]
 CHAT_TEMPLATE = (

@@ -34,7 +34,7 @@ from engine.protocol import (
     WarningEvent,
 )
 
-DEMO_PRESET = builtin.RESOURCES / "presets" / "demo.yaml"
+DEMO_PRESET = builtin.DEMO_PRESET
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

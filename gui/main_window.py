@@ -16,6 +16,7 @@ from PySide6.QtCore import QEvent, QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import QDockWidget, QFileDialog, QMainWindow, QMessageBox, QVBoxLayout, QWidget
 
+from engine import builtin
 from engine import config as cfgmod
 from engine.config import Config
 from engine.errors import ConfigError
@@ -186,10 +187,17 @@ class MainWindow(QMainWindow):
         if state is not None:
             self.restoreState(state)
         text = s.value("last/config")
+        restored = False
         if text:
-            # an old or broken entry: keep the defaults
+            # an old or broken entry: start as on a first launch
             with contextlib.suppress(ConfigError, yaml.YAMLError, TypeError, AttributeError):
                 self.set_config(cfgmod.from_dict(yaml.safe_load(str(text))))
+                restored = True
+        if not restored and builtin.DEMO_PRESET.is_file():
+            # The first launch opens on the demo preset, as tunedeck-train runs without a config:
+            # Start then shows the tiny model learning within a minute.
+            with contextlib.suppress(ConfigError):
+                self.set_config(cfgmod.load(builtin.DEMO_PRESET))
         recent = s.value("last/models") or []
         if isinstance(recent, str):
             recent = [recent]

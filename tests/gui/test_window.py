@@ -150,6 +150,19 @@ def test_settings_and_geometry_are_remembered(make_window, make_config, settings
     assert (again.width(), again.height()) == size
 
 
+def test_a_first_launch_opens_on_the_demo_preset(make_window, settings):
+    from engine import builtin
+    from engine import config as cfgmod
+
+    demo = cfgmod.load(builtin.DEMO_PRESET)
+    assert demo.train.learning_rate != cfgmod.Config().train.learning_rate  # so the check below can tell
+    win = make_window()  # empty settings: a first launch
+    assert win.setup.config().to_dict() == demo.to_dict()
+    win.close()
+    settings.setValue("last/config", "model: [not, a, mapping")  # a broken entry: as a first launch
+    assert make_window().setup.config().to_dict() == demo.to_dict()
+
+
 def test_step_events_only_update_the_status_once_per_batch(make_window, qtbot):
     win = make_window()
     batch = [StepEvent(step=i, loss=1.0, total_steps=10, tokens_per_s=5.0) for i in range(1, 6)]
