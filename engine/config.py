@@ -394,6 +394,13 @@ def validate(cfg: Config) -> Config:
             "a quantized base model cannot be fully fine-tuned (lora.enabled=false)",
             "set lora.enabled=true (QLoRA) or turn quantization off",
         )
+    t = cfg.train
+    if t.torch_compile_mode != "default" and t.torch_compile_backend != "inductor":
+        raise ConfigError(
+            f"train.torch_compile_mode={t.torch_compile_mode} is a mode of the inductor backend, "
+            f"not of {t.torch_compile_backend}",
+            "set train.torch_compile_backend=inductor, or train.torch_compile_mode=default",
+        )
     return cfg
 
 

@@ -167,6 +167,11 @@ class Trainer:
         """torch.compile the model in place (``Module.compile``), so parameter names, checkpoints,
         ``generate`` and live changes see the same module as without it."""
         t = self.cfg.train
+        for key, value, default in (("torch_compile_backend", "cudagraphs", "inductor"),
+                                    ("torch_compile_mode", "reduce-overhead", "default")):
+            if self.device.type != "cuda" and getattr(t, key) == value:
+                raise ConfigError(f"train.{key}={value} needs a CUDA GPU (it records CUDA graphs)",
+                                  f"set train.{key}={default} on this machine")
         kwargs: dict[str, Any] = {"backend": t.torch_compile_backend}
         if t.torch_compile_backend == "inductor" and t.torch_compile_mode != "default":
             kwargs["mode"] = t.torch_compile_mode

@@ -26,6 +26,10 @@ def failure(events):
         ({"model__name_or_path": "/nope/model"}, "model", "model folder /nope/model does not exist"),
         ({"model__load_in_4bit": True}, "config", "model.load_in_4bit=true needs a CUDA GPU"),
         ({"train__optim": "paged_adamw_32bit"}, "config", "paged_adamw_32bit needs a CUDA GPU"),
+        ({"train__torch_compile": True, "train__torch_compile_backend": "cudagraphs"}, "config",
+         "train.torch_compile_backend=cudagraphs needs a CUDA GPU"),
+        ({"train__torch_compile": True, "train__torch_compile_mode": "reduce-overhead"}, "config",
+         "train.torch_compile_mode=reduce-overhead needs a CUDA GPU"),
         ({"data__max_length": 8, "data__path": "LONG"}, "data", "max_length"),
     ],
 )
@@ -71,6 +75,15 @@ def test_bad_config_values_name_key_value_and_what_is_allowed(override, message)
         config_mod.apply_overrides(config_mod.Config(), [override])
     assert message in e.value.message
     assert e.value.advice
+
+
+def test_a_compile_mode_needs_the_inductor_backend():
+    with pytest.raises(ConfigError) as e:
+        config_mod.apply_overrides(config_mod.Config(), ["train.torch_compile_backend=aot_eager",
+                                                         "train.torch_compile_mode=max-autotune"])
+    assert e.value.one_line() == (
+        "train.torch_compile_mode=max-autotune is a mode of the inductor backend, not of aot_eager "
+        "(set train.torch_compile_backend=inductor, or train.torch_compile_mode=default)")
 
 
 def test_yaml_errors_name_the_line(tmp_path):
