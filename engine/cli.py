@@ -143,8 +143,9 @@ class Printer:
             self.say(f"run {e.run_id}: {m.get('params_trainable', 0):,} of {m.get('params_total', 0):,} parameters "
                      f"trainable, {m.get('dtype')} on {m.get('device')}; {d.get('train_examples')} train / "
                      f"{d.get('eval_examples')} eval examples; {e.total_steps} steps -> {e.run_dir}")
-            if m.get("compiled"):
-                self.say(f"torch.compile ({m['compiled']}): the first steps compile the model and are slow")
+            for line in (e.fast_paths(), e.compile_note()):
+                if line:
+                    self.say(line)
             if self.tty:
                 from tqdm.auto import tqdm
 

@@ -135,6 +135,19 @@ class StartEvent(Event):
     step: int = 0  # the step the run starts from (above 0 when resumed)
     changes: list[dict[str, Any]] = field(default_factory=list)  # change log carried over on resume
 
+    def fast_paths(self) -> str:
+        """One line on how this run computes: attention, optimizer, Liger ("" when the engine said nothing)."""
+        m = self.model
+        parts = [f"{m['attention']} attention" if m.get("attention") else "",
+                 f"{m['optimizer']} optimizer" if m.get("optimizer") else "",
+                 ("Liger kernels" + (" with RoPE" if m.get("liger_rope") else "")) if m.get("liger") else ""]
+        return ", ".join(p for p in parts if p)
+
+    def compile_note(self) -> str:
+        """What to expect when the model is compiled, or ""."""
+        compiled = self.model.get("compiled")
+        return f"torch.compile ({compiled}): the first steps compile the model and are slow" if compiled else ""
+
 
 @dataclass(frozen=True)
 class StateEvent(Event):

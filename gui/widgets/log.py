@@ -91,14 +91,10 @@ class LogPanel(QWidget):
                              f"{d.get('train_examples', '?')} train / {d.get('eval_examples', '?')} eval examples{p}", when=t)
             if ev.resumed_from:
                 self.add("info", f"resumed from {ev.resumed_from} at step {ev.step}", when=t)
-            paths = [f"{m['attention']} attention" if m.get("attention") else "",
-                     f"{m['optimizer']} optimizer" if m.get("optimizer") else "",
-                     ("Liger kernels" + (" with RoPE" if m.get("liger_rope") else "")) if m.get("liger") else ""]
-            if any(paths):
-                self.add("muted", ", ".join(p for p in paths if p), when=t)
-            if m.get("compiled"):
-                self.add("info", f"torch.compile ({m['compiled']}): the first steps compile the model and are slow",
-                         when=t)
+            if ev.fast_paths():
+                self.add("muted", ev.fast_paths(), when=t)
+            if ev.compile_note():
+                self.add("info", ev.compile_note(), when=t)
             self.add("muted", f"run folder {ev.run_dir}", when=t)
         elif isinstance(ev, StateEvent):
             self.add("muted", f"state: {ev.state}", when=t)
