@@ -15,6 +15,7 @@ def test_demo_run_completes_and_writes_the_run_folder(tmp_path):
     out = run_cli("--output-dir", str(tmp_path), "--set", "train.max_steps=5", "--set", "train.run_name=r")
     assert out.returncode == 0, out.stderr
     assert "step 5/5 loss" in out.stdout
+    assert out.stdout.splitlines()[1] == "sdpa attention, adamw_torch optimizer"  # after the run line
     assert "completed at step 5" in out.stdout
     run = tmp_path / "r"
     assert (run / "final" / "adapter_model.safetensors").is_file()
