@@ -9,8 +9,8 @@ no warm-up), gradient clipping 1.0, seed, and bf16 on the GPU. (a) is Trainer co
 would: a padding collator (``DataCollatorForSeq2Seq``), logging every step, nothing saved, no
 length grouping. (b) is the engine headless through ``TrainingSession`` with its monitoring on
 (a step event per step written to metrics.jsonl, the ~1 Hz system sampler). The runs alternate
-a, b, a, b, ... in this one process; each one is timed over ``--steps`` optimizer steps after
-``--warmup`` steps, counting real (non-pad) tokens only, and its peak allocated memory is read from
+in this one process, a, b then b, a (and so on), so a drift over its life favours neither side;
+each one is timed over ``--steps`` optimizer steps after ``--warmup`` steps, counting real (non-pad) tokens only, and its peak allocated memory is read from
 the CUDA allocator (reset before each run; on the CPU: the peak of the process RSS above its level
 at the start of the run, sampled at 50 Hz). ``--monitoring`` also times the engine with its
 monitoring off (no system sampler, step events only at the edges of the timed window).
@@ -500,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.monitoring:
                     runs.append(lambda j=job, i=i: run_engine(j, i, monitoring=False))
                 runs += [lambda j=job, i=i, v=v: run_engine(j, i, variant=v) for v in variants]
-                for run in runs:
+                # a, b, c then c, b, a: a drift over the process's life (allocator, heap, clocks)
+                # then favours no side.
+                for run in runs if i % 2 == 0 else runs[::-1]:
                     r = run()
                     results.append(r)
                     peak = f"{r.peak_mb:,.0f} MiB" if r.peak_mb is not None else "n/a"
