@@ -1,4 +1,4 @@
-"""A stand-in for engine.session.TrainingSession with the same API, emitting synthetic events.
+"""A stand-in for engine.session.TrainingSession: its API, emitting synthetic events.
 
 Used where the real engine would only add time (bridge mechanics, closing the window, event
 floods); the window's main tests drive the real engine.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import queue
-import threading
 import time
 from pathlib import Path
 
@@ -33,70 +32,43 @@ from engine.protocol import (
     Stop,
     command_from_dict,
 )
+from engine.session import TrainingSession
 
 
-class FakeSession:
+class FakeSession(TrainingSession):
+    """TrainingSession's own start/send/drain/join/alive around a fake run, so the API cannot drift."""
+
     def __init__(self, config, resume_from=None, *, steps: int = 200, delay: float = 0.005,
                  fail_at: int | None = None, die_silently: bool = False) -> None:
-        self.config = config
+        super().__init__(config, resume_from, system_interval=0)
         self.steps = steps
         self.delay = delay
         self.fail_at = fail_at
         self.die_silently = die_silently
-        self._events: queue.Queue = queue.Queue()
-        self._commands: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self.run_dir: Path | None = None
+        self._metrics = None
         self.sent: list = []
 
-    # -- API
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._main, daemon=True)
-        self._thread.start()
-
     def send(self, cmd) -> None:
-        if isinstance(cmd, dict):
-            cmd = command_from_dict(cmd)
-        self.sent.append(cmd)
-        self._commands.put(cmd)
-
-    def drain(self, max_items=None):
-        out = []
-        while max_items is None or len(out) < max_items:
-            try:
-                out.append(self._events.get_nowait())
-            except queue.Empty:
-                break
-        return out
-
-    def join(self, timeout=None) -> bool:
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        self.sent.append(command_from_dict(cmd) if isinstance(cmd, dict) else cmd)
+        super().send(self.sent[-1])
 
     # -- the fake run
-    def _emit(self, ev) -> None:
-        if self._log is not None:
-            self._log.write(json.dumps(ev.to_dict()) + "\n")
-            self._log.flush()
+    def _emit(self, ev) -> None:  # its own metrics.jsonl: the real RunLog would add TensorBoard files
+        if self._metrics is not None:
+            self._metrics.write(json.dumps(ev.to_dict()) + "\n")
+            self._metrics.flush()
         self._events.put(ev)
 
     def _main(self) -> None:
-        self._log = None
         t = self.config.train
         run_id = t.run_name or f"fake-{int(time.time() * 1000)}"
         self.run_dir = Path(t.output_dir) / run_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.run_dir / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        self._metrics = open(self.run_dir / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115
         try:
             self._run(run_id)
         finally:
-            self._log.close()
+            self._metrics.close()
 
     def _run(self, run_id: str) -> None:
         t = self.config.train
