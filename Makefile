@@ -31,7 +31,7 @@ bench: $(STAMP)
 	$(PY) -m bench.vs_trainer $(ARGS)
 
 desktop-install: $(STAMP)
-	$(PY) -m gui.desktop_install
+	$(PY) -m tunedeck.gui.desktop_install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from tunedeck.engine.protocol import Set
 
-from engine.protocol import Set
 from tests.engine.helpers import make_cfg, of, run, steps
 
 

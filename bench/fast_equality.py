@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from tunedeck.engine import builtin, fast
+from tunedeck.engine.data import IGNORE_INDEX, collate
 
-from engine import builtin, fast
-from engine.data import IGNORE_INDEX, collate
 from tests.engine.helpers import make_cfg, run, steps
 
 

@@ -26,7 +26,12 @@ WHEELS=$(ls .whl/bitsandbytes-*.whl .whl/liger_kernel-*.whl .whl/pytest-*.whl .w
 if [ -n "$WHEELS" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $WHEELS || echo "wheel install failed"
 fi
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The checkout's folders as the one package they install as (pyproject's package-dir), without
+# installing: tunedeck/ plus links to engine/, gui/ and resources/. $PWD stays on the path for bench/.
+PKG=/tmp/tunedeck-pkg
+rm -rf "$PKG" && mkdir -p "$PKG/tunedeck" && cp tunedeck/*.py "$PKG/tunedeck/"
+for d in engine gui resources; do ln -s "$PWD/$d" "$PKG/tunedeck/$d"; done
+export PYTHONPATH="/tmp/site:$PKG:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TUNEDECK_CACHE="${TUNEDECK_CACHE:-/tmp/tunedeck-cache}"
 export TOKENIZERS_PARALLELISM=false
 
@@ -45,7 +50,7 @@ for mod in ("liger_kernel", "bitsandbytes", "triton", "pytest"):
 try:
     from torch.nn.attention.varlen import varlen_attn
     print("varlen_attn", inspect.signature(varlen_attn))
-    from engine import fast
+    from tunedeck.engine import fast
     print("engine.fast.varlen_kernel features", fast.varlen_kernel() and fast.varlen_kernel()[1])
 except Exception as e:
     print("varlen_attn NOT available:", type(e).__name__, e)

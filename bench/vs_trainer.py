@@ -57,7 +57,7 @@ FIRST_ID = 3  # ids 0..2 are the builtin tokenizer's <s>, </s>, <pad>
 
 def llama_1b_dir() -> Path:
     """A Llama-3.2-1B-shaped model folder, random init (seeded), bf16, with the builtin tokenizer."""
-    from engine import builtin
+    from tunedeck.engine import builtin
 
     target = builtin.cache_dir() / "bench-llama-1b-shape-v1"
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
@@ -107,7 +107,7 @@ def make_rows(job: str, n: int, vocab: int, seq_len: int, min_len: int, seed: in
 
 
 def engine_order(n: int, seed: int = SEED) -> list[int]:
-    """The engine's example order in epoch 0 (``engine.trainer.Trainer._order``); Trainer is fed the
+    """The engine's example order in epoch 0 (``tunedeck.engine.trainer.Trainer._order``); Trainer is fed the
     data in this order with a sequential sampler, so both see the same batches."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -250,9 +250,9 @@ def run_trainer(job: Job, repeat: int) -> Result:
 
 
 def run_engine(job: Job, repeat: int, monitoring: bool = True, variant: tuple[str, list[str]] | None = None) -> Result:
-    from engine import config as config_mod
-    from engine.protocol import EndEvent, ErrorEvent, StartEvent, StepEvent, SystemEvent
-    from engine.session import TrainingSession
+    from tunedeck.engine import config as config_mod
+    from tunedeck.engine.protocol import EndEvent, ErrorEvent, StartEvent, StepEvent, SystemEvent
+    from tunedeck.engine.session import TrainingSession
 
     device = job.device
     _clean(device)
@@ -475,8 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
-
-    from engine import builtin
+    from tunedeck.engine import builtin
 
     hf_logging.disable_progress_bar()  # the engine does this itself; the same for Trainer's loads
 

@@ -1,5 +1,5 @@
 """Tunedeck's fine-tuning engine. Pure Python: it never imports Qt."""
 
-from engine.errors import TunedeckError
+from tunedeck.engine.errors import TunedeckError
 
 __all__ = ["TunedeckError"]

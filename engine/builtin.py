@@ -8,10 +8,10 @@ the demo dataset is small and regular enough for it to learn visibly on a CPU in
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 TINY = "builtin:tiny"
@@ -21,19 +21,8 @@ TINY_VERSION = "v3"
 
 
 
-def _find_resources() -> Path:
-    """The checkout's ``resources/`` (also what an editable install uses); from a built wheel, the
-    same files installed as the package data of ``tunedeck_resources``."""
-    beside = Path(__file__).resolve().parent.parent / "resources"
-    if beside.is_dir():
-        return beside
-    spec = importlib.util.find_spec("tunedeck_resources")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations)))
-    return beside
-
-
-RESOURCES = _find_resources()
+# A real folder in a checkout and in an installed wheel alike (never a zip), so a Path.
+RESOURCES = Path(str(resources.files("tunedeck.resources")))
 DEMO_FILE = RESOURCES / "demo" / "demo.jsonl"
 # What the window opens on the first time and tunedeck-train runs without a config.
 DEMO_PRESET = RESOURCES / "presets" / "demo.yaml"

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from engine import config as config_mod
-from engine.config import Config
-from engine.errors import ConfigError
+from tunedeck.engine import config as config_mod
+from tunedeck.engine.config import Config
+from tunedeck.engine.errors import ConfigError
 
 STATE_FILE = "trainer_state.json"
 

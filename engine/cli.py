@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from engine import builtin
-from engine import config as config_mod
-from engine.errors import ConfigError, TunedeckError
-from engine.protocol import (
+from tunedeck.engine import builtin
+from tunedeck.engine import config as config_mod
+from tunedeck.engine.errors import ConfigError, TunedeckError
+from tunedeck.engine.protocol import (
     Cancel,
     ChangeEvent,
     CheckpointEvent,
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> config_mod.Config:
     if args.resume:
-        from engine import checkpoint
+        from tunedeck.engine import checkpoint
 
         cfg, _ = checkpoint.read_state(Path(args.resume))
         if args.config:
@@ -68,8 +68,7 @@ def build_config(args: argparse.Namespace) -> config_mod.Config:
 def preflight(cfg: config_mod.Config) -> None:
     """Refuse, before loading anything, what cannot run on this machine."""
     import torch
-
-    from engine import model, optim
+    from tunedeck.engine import model, optim
 
     optim.check_available(cfg.train.optim)
     model.quantization_config(cfg, torch.float32)
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     except TunedeckError as e:
         print(f"tunedeck-train: error: {e.one_line()}", file=sys.stderr)
         return 2
-    from engine.session import TrainingSession
+    from tunedeck.engine.session import TrainingSession
 
     printer = Printer(args.quiet, sys.stderr if sys.stderr.isatty() else sys.stdout)
     session = TrainingSession(cfg, resume_from=args.resume)

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from engine.errors import ConfigError
+from tunedeck.engine.errors import ConfigError
 
 OPTIM_NAMES = (
     "adamw_torch",

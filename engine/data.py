@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from engine import paths
-from engine.builtin import DEMO, DEMO_FILE
-from engine.config import DataConfig
-from engine.errors import DataError
+from tunedeck.engine import paths
+from tunedeck.engine.builtin import DEMO, DEMO_FILE
+from tunedeck.engine.config import DataConfig
+from tunedeck.engine.errors import DataError
 
 IGNORE_INDEX = -100
 FORMATS = ("prompt_completion", "alpaca", "messages", "text", "tokenized")

@@ -20,7 +20,7 @@
 - A batch without padding drops its all-ones attention mask, so transformers neither builds nor
   checks one (checking it is a device sync).
 
-Liger's kernels are applied in ``engine.model``.
+Liger's kernels are applied in ``tunedeck.engine.model``.
 """
 
 from __future__ import annotations

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from engine import builtin, liger, paths
-from engine.config import Config
-from engine.errors import ConfigError, ModelError
+from tunedeck.engine import builtin, liger, paths
+from tunedeck.engine.config import Config
+from tunedeck.engine.errors import ConfigError, ModelError
 
 
 @dataclass

@@ -15,8 +15,7 @@ from typing import Any
 
 import psutil
 import torch
-
-from engine.protocol import SystemEvent
+from tunedeck.engine.protocol import SystemEvent
 
 MB = 1024 * 1024
 

@@ -12,9 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-
-from engine.config import OPTIM_NAMES, TrainConfig
-from engine.errors import ConfigError
+from tunedeck.engine.config import OPTIM_NAMES, TrainConfig
+from tunedeck.engine.errors import ConfigError
 
 BNB_OPTIMS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 # Optimizers whose per-parameter state is (step, first moment, second moment) in fp32.

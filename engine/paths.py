@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from engine.builtin import DEMO
-from engine.errors import DataError, ModelError
+from tunedeck.engine.builtin import DEMO
+from tunedeck.engine.errors import DataError, ModelError
 
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")

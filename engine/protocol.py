@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from engine.config import LIVE_KEYS
-from engine.errors import ConfigError
+from tunedeck.engine.config import LIVE_KEYS
+from tunedeck.engine.errors import ConfigError
 
 # ---------------------------------------------------------------- commands
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from engine.errors import ConfigError
+from tunedeck.engine.errors import ConfigError
 
 
 def warmup_steps_for(total_steps: int, warmup_steps: int, warmup_ratio: float) -> int:

@@ -14,10 +14,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from engine.config import Config
-from engine.errors import TunedeckError
-from engine.monitor import SystemSampler
-from engine.protocol import (
+from tunedeck.engine.config import Config
+from tunedeck.engine.errors import TunedeckError
+from tunedeck.engine.monitor import SystemSampler
+from tunedeck.engine.protocol import (
     Command,
     EndEvent,
     ErrorEvent,
@@ -155,7 +155,7 @@ class TrainingSession:
         self._log.open(run_dir)
 
     def _main(self) -> None:
-        from engine.trainer import Trainer
+        from tunedeck.engine.trainer import Trainer
 
         sampler = None
         try:

@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from engine import checkpoint, data, fast, liger, optim
-from engine import model as model_mod
-from engine.config import LIVE_KEYS, Config, validate_value
-from engine.errors import ConfigError, TunedeckError
-from engine.monitor import step_memory
-from engine.protocol import (
+from tunedeck.engine import checkpoint, data, fast, liger, optim
+from tunedeck.engine import model as model_mod
+from tunedeck.engine.config import LIVE_KEYS, Config, validate_value
+from tunedeck.engine.errors import ConfigError, TunedeckError
+from tunedeck.engine.monitor import step_memory
+from tunedeck.engine.protocol import (
     Cancel,
     ChangeEvent,
     CheckpointEvent,
@@ -50,7 +49,7 @@ from engine.protocol import (
     Stop,
     WarningEvent,
 )
-from engine.schedule import LRSchedule, warmup_steps_for
+from tunedeck.engine.schedule import LRSchedule, warmup_steps_for
 
 OOM_ADVICE = ("lower train.per_device_train_batch_size and raise train.gradient_accumulation_steps, "
               "lower data.max_length, load the model in 4-bit (model.load_in_4bit) or turn on "
@@ -179,7 +178,7 @@ class Trainer:
         self.compiled = t.torch_compile_backend + (f" ({kwargs['mode']})" if "mode" in kwargs else "")
 
     def _open_run_dir(self) -> None:
-        from engine import config as config_mod
+        from tunedeck.engine import config as config_mod
 
         if self.resume_from is not None and self.resume_from.parent.name == "checkpoints":
             self.run_dir = self.resume_from.parent.parent

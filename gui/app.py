@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from engine import builtin
+from tunedeck.engine import builtin
 
 ICON = builtin.RESOURCES / "icons" / "tunedeck.svg"
 
@@ -31,9 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtCore import QTimer
     from PySide6.QtGui import QIcon
     from PySide6.QtWidgets import QApplication
-
-    from gui.main_window import MainWindow
-    from gui.widgets import theme
+    from tunedeck.gui.main_window import MainWindow
+    from tunedeck.gui.widgets import theme
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("Tunedeck")

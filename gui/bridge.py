@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QObject, QTimer, Signal
-
-from engine.errors import TunedeckError
-from engine.protocol import (
+from tunedeck.engine.errors import TunedeckError
+from tunedeck.engine.protocol import (
     ChangeEvent,
     Command,
     EndEvent,
@@ -38,7 +37,7 @@ SessionFactory = Callable[..., Any]
 
 
 def default_factory(config, resume_from=None):
-    from engine.session import TrainingSession  # imported late: it pulls in torch
+    from tunedeck.engine.session import TrainingSession  # imported late: it pulls in torch
 
     return TrainingSession(config, resume_from=resume_from)
 

@@ -1,6 +1,6 @@
 """Install (or remove) Tunedeck's desktop entry and icon for the current user.
 
-    python -m gui.desktop_install [--uninstall] [--data-home DIR]
+    python -m tunedeck.gui.desktop_install [--uninstall] [--data-home DIR]
 
 Writes ``$XDG_DATA_HOME/applications/tunedeck.desktop`` (default ``~/.local/share``) with ``Exec``
 pointing at this environment's ``tunedeck`` (so it works from a virtual environment that is not on
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine import builtin
+from tunedeck.engine import builtin
 
 RESOURCES = builtin.RESOURCES
 DESKTOP = RESOURCES / "tunedeck.desktop"
@@ -37,7 +37,7 @@ def launcher() -> str:
     found = shutil.which("tunedeck")
     if found:
         return _quote(found)
-    return f"{_quote(sys.executable)} -m gui.app"
+    return f"{_quote(sys.executable)} -m tunedeck.gui.app"
 
 
 def _quote(arg: str) -> str:
@@ -102,7 +102,7 @@ def uninstall(home: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gui.desktop_install", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tunedeck.gui.desktop_install", description=__doc__.split("\n\n")[0])
     ap.add_argument("--uninstall", action="store_true", help="remove the entry and the icons")
     ap.add_argument("--data-home", help="instead of $XDG_DATA_HOME or ~/.local/share")
     args = ap.parse_args(argv)

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from engine.protocol import (
+from tunedeck.engine.protocol import (
     ChangeEvent,
     CheckpointEvent,
     EndEvent,

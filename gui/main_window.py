@@ -15,12 +15,11 @@ import yaml
 from PySide6.QtCore import QEvent, QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import QDockWidget, QFileDialog, QMainWindow, QMessageBox, QVBoxLayout, QWidget
-
-from engine import builtin
-from engine import config as cfgmod
-from engine.config import Config
-from engine.errors import ConfigError
-from engine.protocol import (
+from tunedeck.engine import builtin
+from tunedeck.engine import config as cfgmod
+from tunedeck.engine.config import Config
+from tunedeck.engine.errors import ConfigError
+from tunedeck.engine.protocol import (
     Cancel,
     ChangeEvent,
     Command,
@@ -39,14 +38,14 @@ from engine.protocol import (
     Stop,
     SystemEvent,
 )
-from gui.bridge import SessionBridge, SessionFactory
-from gui.history import RunHistory, fmt_number
-from gui.widgets.banner import Banner
-from gui.widgets.controls import RunControls, RunStatus
-from gui.widgets.log import LogPanel, advice_for
-from gui.widgets.plots import PlotPanel
-from gui.widgets.samples import SamplePanel
-from gui.widgets.setup import SetupPanel
+from tunedeck.gui.bridge import SessionBridge, SessionFactory
+from tunedeck.gui.history import RunHistory, fmt_number
+from tunedeck.gui.widgets.banner import Banner
+from tunedeck.gui.widgets.controls import RunControls, RunStatus
+from tunedeck.gui.widgets.log import LogPanel, advice_for
+from tunedeck.gui.widgets.plots import PlotPanel
+from tunedeck.gui.widgets.samples import SamplePanel
+from tunedeck.gui.widgets.setup import SetupPanel
 
 APP_NAME = "Tunedeck"
 MAX_RECENT = 8

@@ -1,12 +1,12 @@
 """Measure how the window copes: redraw cost with huge series, and training speed with the window open.
 
-    python -m gui.perf_check plots [--points 1000000]
+    python -m tunedeck.gui.perf_check plots [--points 1000000]
         GUI-thread time of one plot refresh (set the data of every curve and paint the window)
         when each series holds --points points, in three situations: the whole run in view while
         points keep arriving (the live case), zoomed into the last 1% while points keep arriving,
         and a hover read-out.
 
-    python -m gui.perf_check steps [--steps 200] [--repeats N] [--set section.key=value ...]
+    python -m tunedeck.gui.perf_check steps [--steps 200] [--repeats N] [--set section.key=value ...]
         The demo run's optimizer steps per second, headless (`tunedeck-train --quiet` in a
         subprocess) and with the window open and plotting (started with the real window's Start
         button), on the same config, one after the other; both from the step events' elapsed_s.
@@ -23,13 +23,12 @@ import statistics
 import sys
 import time
 
-from engine import builtin
+from tunedeck.engine import builtin
 
 
 def _app():
     from PySide6.QtWidgets import QApplication
-
-    from gui.widgets import theme
+    from tunedeck.gui.widgets import theme
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
     theme.apply(app)
@@ -38,8 +37,7 @@ def _app():
 
 def _fake_history(n: int):
     import numpy as np
-
-    from gui.history import RunHistory
+    from tunedeck.gui.history import RunHistory
 
     h = RunHistory(run_id="perf")
     rng = np.random.default_rng(0)
@@ -62,8 +60,7 @@ def _fake_history(n: int):
 def bench_plots(points: int, rounds: int = 30, shot: str | None = None) -> dict[str, float]:
     import numpy as np
     from PySide6.QtWidgets import QApplication
-
-    from gui.widgets.plots import PlotPanel
+    from tunedeck.gui.widgets.plots import PlotPanel
 
     app = _app()
     panel = PlotPanel()
@@ -111,7 +108,7 @@ def bench_plots(points: int, rounds: int = 30, shot: str | None = None) -> dict[
 
 def _rate(events) -> float:
     """Optimizer steps per second over the run, leaving out the first steps (warm-up)."""
-    from engine.protocol import StepEvent
+    from tunedeck.engine.protocol import StepEvent
 
     st = [e for e in events if isinstance(e, StepEvent)]
     k = min(5, len(st) // 4)
@@ -123,7 +120,7 @@ def _rate(events) -> float:
 def _metrics(run_dir) -> list:
     import json
 
-    from engine.protocol import event_from_dict
+    from tunedeck.engine.protocol import event_from_dict
 
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
         return [event_from_dict(json.loads(line)) for line in fh if line.strip()]
@@ -135,12 +132,11 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
     import subprocess
     import tempfile
 
-    from engine import config as cfgmod
+    from tunedeck.engine import config as cfgmod
 
     _app()
     from PySide6.QtCore import QEventLoop, QSettings
-
-    from gui.main_window import MainWindow
+    from tunedeck.gui.main_window import MainWindow
 
     preset = str(builtin.RESOURCES / "presets" / "demo.yaml")
     base = cfgmod.load(preset) if os.path.exists(preset) else cfgmod.Config()
@@ -154,7 +150,7 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
     for r in range(repeats):
         # headless: the CLI, as a user runs it
         hd = os.path.join(tmp, f"cli-{r}")
-        subprocess.run([sys.executable, "-m", "engine.cli", cfg_file, "--quiet", "--output-dir", hd],
+        subprocess.run([sys.executable, "-m", "tunedeck.engine.cli", cfg_file, "--quiet", "--output-dir", hd],
                        check=True, stdout=subprocess.DEVNULL)
         headless.append(_rate(_metrics(glob.glob(os.path.join(hd, "*"))[0])))
         # the window, plotting live (started with its Start button)
@@ -186,7 +182,7 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gui.perf_check", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tunedeck.gui.perf_check", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
     p = sub.add_parser("plots")
     p.add_argument("--points", type=int, default=1_000_000)

@@ -6,8 +6,7 @@ import html
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QToolButton, QWidget
-
-from gui.widgets.theme import ERROR_BG, ERROR_FG, WARN_BG
+from tunedeck.gui.widgets.theme import ERROR_BG, ERROR_FG, WARN_BG
 
 
 class Banner(QFrame):

@@ -5,9 +5,8 @@ from __future__ import annotations
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QLabel, QProgressBar, QStyle, QToolBar, QWidget
-
-from engine.protocol import StepEvent
-from gui.history import fmt_duration
+from tunedeck.engine.protocol import StepEvent
+from tunedeck.gui.history import fmt_duration
 
 STATE_COLORS = {
     "idle": "#6b7280",

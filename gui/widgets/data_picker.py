@@ -1,6 +1,6 @@
 """Dataset picker: a path (file, hub name or builtin:demo) with a preview of the first rows.
 
-The preview comes from ``engine.data.preview`` (detected format, first rows, row count). It runs in
+The preview comes from ``tunedeck.engine.data.preview`` (detected format, first rows, row count). It runs in
 a worker thread, since a hub dataset may have to be downloaded. The worker holds no Qt object (so
 none can be destroyed off the main thread): it drops its answer in a queue that a main-thread
 timer collects; a newer path always wins over a slower, older preview.
@@ -28,11 +28,10 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
-
-from engine import config as cfgmod
-from engine import paths
-from engine.builtin import DEMO
-from engine.errors import ConfigError, TunedeckError
+from tunedeck.engine import config as cfgmod
+from tunedeck.engine import paths
+from tunedeck.engine.builtin import DEMO
+from tunedeck.engine.errors import ConfigError, TunedeckError
 
 PREVIEW_ROWS = 5
 CELL_CHARS = 160
@@ -47,7 +46,7 @@ def cell_text(value: Any) -> str:
 
 def _preview_worker(req: int, path: str, answers: queue.SimpleQueue) -> None:
     try:
-        from engine.data import preview
+        from tunedeck.engine.data import preview
 
         result: Any = preview(path, n=PREVIEW_ROWS)
     except Exception as e:  # shown in the picker; never raised into Qt

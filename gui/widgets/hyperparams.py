@@ -1,10 +1,10 @@
 """The hyperparameter form, generated from the engine's config dataclasses.
 
-Every field of :mod:`engine.config` gets an editor chosen from its type (check box for bools, a
+Every field of :mod:`tunedeck.engine.config` gets an editor chosen from its type (check box for bools, a
 list for fields with ``choices``, a text box otherwise) and a tooltip built from its ``help``
-metadata plus a longer note from :mod:`gui.widgets.knobs`. Each edit is checked at once with
-``engine.config.validate_value``; a bad value is outlined in red with the engine's own message
-under it. While a run goes, the keys in ``engine.config.LIVE_KEYS`` stay editable and an Apply
+metadata plus a longer note from :mod:`tunedeck.gui.widgets.knobs`. Each edit is checked at once with
+``tunedeck.engine.config.validate_value``; a bad value is outlined in red with the engine's own message
+under it. While a run goes, the keys in ``tunedeck.engine.config.LIVE_KEYS`` stay editable and an Apply
 button sends only the changed ones; every other field is locked, with a tooltip saying why.
 """
 
@@ -30,11 +30,10 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
-
-from engine import config as cfgmod
-from engine.config import LIVE_KEYS, SECTIONS, Config
-from engine.errors import ConfigError
-from gui.widgets.knobs import EXTRA, LOCKED_TIP
+from tunedeck.engine import config as cfgmod
+from tunedeck.engine.config import LIVE_KEYS, SECTIONS, Config
+from tunedeck.engine.errors import ConfigError
+from tunedeck.gui.widgets.knobs import EXTRA, LOCKED_TIP
 
 # Fields edited elsewhere (the model and dataset pickers).
 EXTERNAL = {"model.name_or_path", "data.path"}

@@ -8,8 +8,7 @@ import time
 
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QPlainTextEdit, QPushButton, QVBoxLayout, QWidget
-
-from engine.protocol import (
+from tunedeck.engine.protocol import (
     ChangeEvent,
     CheckpointEvent,
     EndEvent,
@@ -21,7 +20,7 @@ from engine.protocol import (
     StateEvent,
     WarningEvent,
 )
-from gui.history import Change, fmt_number
+from tunedeck.gui.history import Change, fmt_number
 
 LEVEL_COLORS = {"info": "#aeb4bd", "change": "#ffd166", "warning": "#f5c16c", "error": "#ff7a85",
                 "success": "#4fd1a5", "muted": "#7d838c"}

@@ -7,10 +7,9 @@ from pathlib import Path
 
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
-
-from engine import config as cfgmod
-from engine import paths
-from engine.builtin import TINY
+from tunedeck.engine import config as cfgmod
+from tunedeck.engine import paths
+from tunedeck.engine.builtin import TINY
 
 SUGGESTED = [TINY, "HuggingFaceTB/SmolLM2-135M-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B"]
 

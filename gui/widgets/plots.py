@@ -1,10 +1,10 @@
 """Live plots: loss, learning rate, gradient norm, throughput and memory against the optimizer step.
 
 All plots share one x range (``setXLink``), so zooming one zooms all. Curves read the numpy
-buffers of a :class:`~gui.history.RunHistory` and are redrawn by a timer at most ~20 times a
+buffers of a :class:`~tunedeck.gui.history.RunHistory` and are redrawn by a timer at most ~20 times a
 second, only when the history moved, and within a small share of the GUI thread (``MAX_DUTY``).
 Each curve is handed only what is in view, reduced to about two points per pixel by a min/max
-pyramid (:class:`~gui.history.Envelope`), with pyqtgraph's peak downsampling and clip-to-view on
+pyramid (:class:`~tunedeck.gui.history.Envelope`), with pyqtgraph's peak downsampling and clip-to-view on
 top, so a million points per series stay smooth. Live changes (``change`` events) get a labelled
 vertical marker on every plot; moving the mouse over any plot shows the values at that step.
 """
@@ -19,9 +19,8 @@ import pyqtgraph as pg
 from PySide6.QtCore import QLineF, QRectF, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QPen
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget
-
-from gui.history import Change, Envelope, RunHistory, Series, Smoother, fmt_number
-from gui.widgets.theme import COLORS, GRID, GRID_MINOR, MUTED
+from tunedeck.gui.history import Change, Envelope, RunHistory, Series, Smoother, fmt_number
+from tunedeck.gui.widgets.theme import COLORS, GRID, GRID_MINOR, MUTED
 
 REDRAW_MS = 50  # at most 20 redraws a second, whatever the step rate
 # ...and live redraws take at most this share of the GUI thread: where a redraw is slow (a big

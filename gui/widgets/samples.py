@@ -15,8 +15,7 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
-
-from engine.protocol import SampleEvent
+from tunedeck.engine.protocol import SampleEvent
 
 
 class SamplePanel(QWidget):

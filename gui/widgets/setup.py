@@ -1,11 +1,11 @@
 """Run setup: model, dataset, presets and the hyperparameter form, as one scrollable panel.
 
 :meth:`SetupPanel.config` builds the engine's ``Config`` from all of them through
-``engine.config.from_dict``, so the rules between settings (4-bit needs LoRA, ...) are the engine's
+``tunedeck.engine.config.from_dict``, so the rules between settings (4-bit needs LoRA, ...) are the engine's
 own; :attr:`problem` holds the first thing to fix, in the engine's words, and is shown in red
 above the form. A local dataset file or model folder that does not exist is one too (the pickers'
 ``check``), so Start is refused up front rather than failing the run. Presets are plain config
-YAML files (``engine.config.load`` / ``save``).
+YAML files (``tunedeck.engine.config.load`` / ``save``).
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
-
-from engine import builtin
-from engine import config as cfgmod
-from engine.config import Config
-from engine.errors import ConfigError
-from gui.widgets.data_picker import DataPicker
-from gui.widgets.hyperparams import HyperparamForm
-from gui.widgets.model_picker import ModelPicker
+from tunedeck.engine import builtin
+from tunedeck.engine import config as cfgmod
+from tunedeck.engine.config import Config
+from tunedeck.engine.errors import ConfigError
+from tunedeck.gui.widgets.data_picker import DataPicker
+from tunedeck.gui.widgets.hyperparams import HyperparamForm
+from tunedeck.gui.widgets.model_picker import ModelPicker
 
 PRESETS_DIR = builtin.RESOURCES / "presets"
 

@@ -6,9 +6,9 @@ import queue
 from pathlib import Path
 from typing import Any
 
-from engine import config as config_mod
-from engine.protocol import Command, Event, StepEvent
-from engine.trainer import Trainer
+from tunedeck.engine import config as config_mod
+from tunedeck.engine.protocol import Command, Event, StepEvent
+from tunedeck.engine.trainer import Trainer
 
 
 def make_cfg(tmp_path: Path, **overrides: Any) -> config_mod.Config:

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-CLI = [sys.executable, "-m", "engine.cli"]
+CLI = [sys.executable, "-m", "tunedeck.engine.cli"]
 
 
 def run_cli(*args, timeout=180):

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from engine import builtin
-from engine.config import DataConfig
-from engine.data import (
+from tunedeck.engine import builtin
+from tunedeck.engine.config import DataConfig
+from tunedeck.engine.data import (
     IGNORE_INDEX,
     collate,
     count_targets,
@@ -25,7 +24,7 @@ from engine.data import (
     prompt_ids,
     tokenize_rows,
 )
-from engine.errors import DataError
+from tunedeck.engine.errors import DataError
 
 X = IGNORE_INDEX
 EOS = 1
@@ -478,7 +477,7 @@ def test_tokenized_rows_refuse_bad_values(tok, row, message):
 
 
 def test_tokenized_is_a_config_choice():
-    from engine import config as config_mod
+    from tunedeck.engine import config as config_mod
 
     assert config_mod.from_dict({"data": {"format": "tokenized"}}).data.format == "tokenized"
 

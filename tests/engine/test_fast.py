@@ -10,11 +10,11 @@ import warnings
 
 import pytest
 import torch
+from tunedeck.engine import builtin, fast
+from tunedeck.engine.data import IGNORE_INDEX, collate
+from tunedeck.engine.protocol import StepEvent, SystemEvent
+from tunedeck.engine.session import TrainingSession
 
-from engine import builtin, fast
-from engine.data import IGNORE_INDEX, collate
-from engine.protocol import StepEvent, SystemEvent
-from engine.session import TrainingSession
 from tests.engine.helpers import make_cfg, of, run, steps
 
 # ---------------------------------------------------------------- cumulative lengths
@@ -263,7 +263,7 @@ def test_liger_patches_only_the_instance_and_switches_rope(monkeypatch, tiny):
     """Liger's per-model functions swap module-level names too (norm and MLP classes, RoPE); those are
     put back so no other model in the process changes, and RoPE becomes a switch that uses Liger's
     kernel only inside liger.fused_rope()."""
-    from engine import liger
+    from tunedeck.engine import liger
 
     mod = sys.modules[type(tiny).__module__]
     before = {k: getattr(mod, k) for k in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
@@ -319,7 +319,7 @@ def test_liger_patches_only_the_instance_and_switches_rope(monkeypatch, tiny):
 
 
 def test_liger_is_left_out_for_a_model_type_it_does_not_know(monkeypatch, tiny):
-    from engine import liger
+    from tunedeck.engine import liger
 
     def apply(model, **kw):
         raise ValueError("no Liger kernels for this model type")
@@ -363,7 +363,7 @@ def test_torch_compile_matches_eager_and_keeps_checkpoints_plain(tmp_path):
     # The eager backend runs what dynamo captured without generating kernels: it checks what compiling
     # changes for the engine (parameter names, generate, eval mode, resume) in seconds, not minutes.
     # Inductor itself is timed in the GPU benchmark (bench/gpu_check.sh).
-    from engine.protocol import Eval, Sample
+    from tunedeck.engine.protocol import Eval, Sample
 
     kw = dict(train__max_steps=4, train__save_steps=2, train__eval_steps=0)
     at = {2: [Eval(), Sample(prompt="Upper: cat\n", max_new_tokens=4)]}

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from tunedeck.engine import config as config_mod
+from tunedeck.engine.errors import ConfigError
+from tunedeck.engine.session import TrainingSession
 
-from engine import config as config_mod
-from engine.errors import ConfigError
-from engine.session import TrainingSession
 from tests.engine.helpers import make_cfg, of, run
 
 
@@ -108,7 +108,7 @@ def test_yaml_round_trip_and_presets(tmp_path):
 
 
 def test_oom_is_reported_with_advice_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    from engine.trainer import Trainer
+    from tunedeck.engine.trainer import Trainer
 
     real = Trainer._optimizer_step
 
@@ -128,7 +128,7 @@ def test_oom_is_reported_with_advice_and_keeps_the_last_checkpoint(tmp_path, mon
 
 
 def test_nan_loss_pauses_without_touching_the_weights(tmp_path, monkeypatch):
-    from engine.protocol import Cancel
+    from tunedeck.engine.protocol import Cancel
 
     cfg = make_cfg(tmp_path, train__max_steps=10)
     holder = {}
@@ -138,7 +138,7 @@ def test_nan_loss_pauses_without_touching_the_weights(tmp_path, monkeypatch):
             output.loss = output.loss * float("nan")
         return output
 
-    from engine.trainer import Trainer
+    from tunedeck.engine.trainer import Trainer
 
     real_setup = Trainer.setup
 
@@ -172,7 +172,7 @@ def test_nan_loss_pauses_without_touching_the_weights(tmp_path, monkeypatch):
 
 
 def test_engine_exception_becomes_error_and_end_in_the_session(tmp_path, monkeypatch):
-    from engine.trainer import Trainer
+    from tunedeck.engine.trainer import Trainer
 
     def broken(self):
         raise RuntimeError("something internal broke")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tunedeck.engine import builtin, fast
+from tunedeck.engine.protocol import Set, StepEvent, SystemEvent
+from tunedeck.engine.session import TrainingSession
 
-from engine import builtin, fast
-from engine.protocol import Set, StepEvent, SystemEvent
-from engine.session import TrainingSession
 from tests.engine.helpers import make_cfg, of, run, steps
 
 pytestmark = pytest.mark.gpu
@@ -137,8 +137,7 @@ def test_liger_rope_kernel_equals_transformers_rope(llama_dir):
     import sys
 
     from transformers import AutoModelForCausalLM
-
-    from engine import liger
+    from tunedeck.engine import liger
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).cuda()
     module = sys.modules[type(model).__module__]
@@ -231,7 +230,7 @@ def test_one_sync_per_step_without_liger(tmp_path, llama_dir):
 
     import queue
 
-    from engine.trainer import Trainer
+    from tunedeck.engine.trainer import Trainer
 
     events: list = []
     trainer = Trainer(cfg, lambda e: (events.append(e), emit_hook(e)), queue.Queue())

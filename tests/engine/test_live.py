@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from tunedeck.engine.protocol import Cancel, Eval, Pause, Resume, Sample, Save, Set, Stop
+from tunedeck.engine.schedule import LRSchedule
 
-from engine.protocol import Cancel, Eval, Pause, Resume, Sample, Save, Set, Stop
-from engine.schedule import LRSchedule
 from tests.engine.helpers import make_cfg, of, run, steps
 
 
@@ -63,8 +63,8 @@ def test_optimizer_swap_carries_adam_moments(tmp_path):
 
 
 def test_swap_moments_are_identical_right_after_the_swap(tmp_path):
-    from engine import optim
-    from engine.config import TrainConfig
+    from tunedeck.engine import optim
+    from tunedeck.engine.config import TrainConfig
 
     p = torch.nn.Parameter(torch.randn(4, 4))
     opt = optim.build("adamw_torch", optim.param_groups([("w", p)], 0.0), TrainConfig(), 1e-3)
@@ -177,7 +177,7 @@ def test_schedule_lr_matches_unit_model(tmp_path):
 def test_a_sample_prompt_is_laid_out_as_the_training_data(tmp_path):
     import json
 
-    from engine import data
+    from tunedeck.engine import data
 
     rows = [{"messages": [{"role": "user", "content": f"Upper: {w}"}, {"role": "assistant", "content": w.upper()}]}
             for w in ("cat", "dog", "sun", "sky", "sea", "owl", "elk", "yak")]

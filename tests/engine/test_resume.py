@@ -4,9 +4,9 @@ import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
+from tunedeck.engine import builtin, checkpoint
+from tunedeck.engine.protocol import Set
 
-from engine import builtin, checkpoint
-from engine.protocol import Set
 from tests.engine.helpers import make_cfg, of, run, steps
 
 
@@ -81,7 +81,7 @@ def test_full_finetune_saves_safetensors_and_resumes(tmp_path):
 
 
 def test_a_failed_save_is_an_error_event_and_training_goes_on(tmp_path, monkeypatch):
-    from engine import checkpoint as ck
+    from tunedeck.engine import checkpoint as ck
 
     real = ck.write
 

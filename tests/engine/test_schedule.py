@@ -3,9 +3,8 @@ import math
 import pytest
 import torch
 from transformers import get_scheduler
-
-from engine.config import SCHEDULER_NAMES
-from engine.schedule import LRSchedule, warmup_steps_for
+from tunedeck.engine.config import SCHEDULER_NAMES
+from tunedeck.engine.schedule import LRSchedule, warmup_steps_for
 
 KWARGS = {
     "cosine_with_min_lr": {"min_lr_rate": 0.1},

@@ -5,8 +5,9 @@ import subprocess
 import sys
 import time
 
-from engine.protocol import Pause, Resume, Set, Stop, event_from_dict
-from engine.session import TrainingSession
+from tunedeck.engine.protocol import Pause, Resume, Set, Stop, event_from_dict
+from tunedeck.engine.session import TrainingSession
+
 from tests.engine.helpers import make_cfg
 
 
@@ -52,10 +53,10 @@ def test_pause_keeps_the_model_and_resume_continues(tmp_path):
 
 def test_engine_never_imports_qt():
     code = (
-        "import importlib, pkgutil, sys, engine\n"
+        "import importlib, pkgutil, sys, tunedeck.engine as engine\n"
         "for m in pkgutil.iter_modules(engine.__path__):\n"
-        "    importlib.import_module('engine.' + m.name)\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('PySide6', 'pyqtgraph', 'shiboken6', 'gui')]\n"
+        "    importlib.import_module('tunedeck.engine.' + m.name)\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('PySide6', 'pyqtgraph', 'shiboken6') or m.startswith('tunedeck.gui')]\n"
         "print(len(list(pkgutil.iter_modules(engine.__path__))), bad)\n"
         "sys.exit(1 if bad else 0)\n"
     )
@@ -93,7 +94,7 @@ def test_resume_from_an_earlier_checkpoint_supersedes_later_steps_in_tensorboard
     assert first.join(timeout=120)
     # Resume from step 2 of the finished 6-step run with another learning rate: steps 3..6 are redone.
     ckpt = first.run_dir / "checkpoints" / "step-000002"
-    from engine import checkpoint
+    from tunedeck.engine import checkpoint
 
     cfg, _ = checkpoint.read_state(ckpt)
     second = TrainingSession(None, resume_from=ckpt, system_interval=0)

@@ -29,7 +29,7 @@ FAST = [
 
 @pytest.fixture(autouse=True, scope="session")
 def _theme(qapp):
-    from gui.widgets import theme
+    from tunedeck.gui.widgets import theme
 
     theme.apply(qapp)
 
@@ -44,7 +44,7 @@ def settings(tmp_path):
 @pytest.fixture
 def make_config(tmp_path):
     """make_config("train.max_steps=5", ...) -> the demo preset with fast settings, runs under tmp_path."""
-    from engine import config as cfgmod
+    from tunedeck.engine import config as cfgmod
 
     def make(*overrides: str):
         base = cfgmod.load(DEMO_PRESET) if DEMO_PRESET.is_file() else cfgmod.Config()
@@ -56,7 +56,7 @@ def make_config(tmp_path):
 @pytest.fixture
 def make_window(qtbot, settings):
     """make_window(factory=None) -> a shown MainWindow (real engine unless a factory is given)."""
-    from gui.main_window import MainWindow
+    from tunedeck.gui.main_window import MainWindow
 
     windows = []
 

@@ -12,8 +12,8 @@ import queue
 import time
 from pathlib import Path
 
-from engine.config import LIVE_KEYS
-from engine.protocol import (
+from tunedeck.engine.config import LIVE_KEYS
+from tunedeck.engine.protocol import (
     Cancel,
     ChangeEvent,
     CheckpointEvent,
@@ -32,7 +32,7 @@ from engine.protocol import (
     Stop,
     command_from_dict,
 )
-from engine.session import TrainingSession
+from tunedeck.engine.session import TrainingSession
 
 
 class FakeSession(TrainingSession):

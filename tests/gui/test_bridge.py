@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from PySide6.QtWidgets import QWidget
+from tunedeck.engine.config import Config
+from tunedeck.engine.errors import DataError
+from tunedeck.engine.protocol import EndEvent, ErrorEvent, StepEvent
+from tunedeck.gui.bridge import SessionBridge
 
-from engine.config import Config
-from engine.errors import DataError
-from engine.protocol import EndEvent, ErrorEvent, StepEvent
-from gui.bridge import SessionBridge
 from tests.gui.fake_session import factory
 
 

@@ -6,9 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
-from engine.protocol import ChangeEvent, EndEvent, EvalEvent, StartEvent, StepEvent, SystemEvent
-from gui.history import Envelope, RunHistory, Series, Smoother, ema, fmt_duration, fmt_number
+from tunedeck.engine.protocol import ChangeEvent, EndEvent, EvalEvent, StartEvent, StepEvent, SystemEvent
+from tunedeck.gui.history import Envelope, RunHistory, Series, Smoother, ema, fmt_duration, fmt_number
 
 
 def naive_ema(x, a):

@@ -6,7 +6,7 @@ import configparser
 import subprocess
 import sys
 
-from gui import app, desktop_install
+from tunedeck.gui import app, desktop_install
 
 
 def test_command_line():
@@ -22,7 +22,7 @@ def test_a_missing_config_is_a_usage_error(tmp_path, capsys):
 
 
 def test_help_does_not_need_a_display():
-    out = subprocess.run([sys.executable, "-m", "gui.app", "--help"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "tunedeck.gui.app", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--start" in out.stdout
 
 

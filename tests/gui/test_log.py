@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine.protocol import StartEvent
-from gui.widgets.log import LogPanel
+from tunedeck.engine.protocol import StartEvent
+from tunedeck.gui.widgets.log import LogPanel
 
 
 def test_the_start_lines_name_the_fast_paths_and_compiling(qtbot):

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from PySide6.QtCore import QEvent
 from PySide6.QtWidgets import QApplication
+from tunedeck.engine.errors import TunedeckError
+from tunedeck.engine.protocol import Cancel, Stop
+from tunedeck.gui.widgets.data_picker import DataPicker
+from tunedeck.gui.widgets.model_picker import missing_folder
+from tunedeck.gui.widgets.setup import SetupPanel
 
-from engine.errors import TunedeckError
-from engine.protocol import Cancel, Stop
-from gui.widgets.data_picker import DataPicker
-from gui.widgets.model_picker import missing_folder
-from gui.widgets.setup import SetupPanel
 from tests.gui.fake_session import factory
 
 DATA_FIX = "(choose an existing file, a hub dataset owner/name, or builtin:demo)"
@@ -151,10 +151,10 @@ DATA_PATHS = ["builtin:demo", "org/name", "org/name.v2", "squad", "missing.jsonl
 
 @pytest.mark.parametrize("path", [*DATA_PATHS, "<file>", "<dir>"])
 def test_the_form_refuses_what_the_engine_fails_on_datasets(path, qtbot, tmp_path, monkeypatch):
-    import engine.data
+    import tunedeck.engine.data
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(engine.data, "_load_hub", lambda name, split: [{"text": "from the hub"}])
+    monkeypatch.setattr(tunedeck.engine.data, "_load_hub", lambda name, split: [{"text": "from the hub"}])
     monkeypatch.setattr(DataPicker, "refresh_preview", lambda self: None)
     if path == "<file>":
         (tmp_path / "ok.jsonl").write_text('{"text": "x"}\n')
@@ -162,7 +162,7 @@ def test_the_form_refuses_what_the_engine_fails_on_datasets(path, qtbot, tmp_pat
     elif path == "<dir>":
         (tmp_path / "folder").mkdir()
         path = "folder"
-    engine_says = _engine_refusal(engine.data.load_rows, path)
+    engine_says = _engine_refusal(tunedeck.engine.data.load_rows, path)
     picker = DataPicker()
     qtbot.addWidget(picker)
     picker.set_value(path)
@@ -178,7 +178,7 @@ MODEL_NAMES = ["org/name", "gpt2", "./no-model", "/tunedeck-no-such-dir/model", 
 
 @pytest.mark.parametrize("name", [*MODEL_NAMES, "<folder>", "<empty-folder>"])
 def test_the_form_refuses_what_the_engine_fails_on_models(name, tmp_path, monkeypatch):
-    import engine.model
+    import tunedeck.engine.model
 
     monkeypatch.chdir(tmp_path)
     if name == "<folder>":
@@ -188,7 +188,7 @@ def test_the_form_refuses_what_the_engine_fails_on_models(name, tmp_path, monkey
     elif name == "<empty-folder>":
         (tmp_path / "empty").mkdir()
         name = "./empty"
-    engine_says = _engine_refusal(engine.model.resolve_path, name)
+    engine_says = _engine_refusal(tunedeck.engine.model.resolve_path, name)
     form = missing_folder(name)
     assert form == engine_says
     if form:

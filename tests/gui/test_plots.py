@@ -7,10 +7,9 @@ import time
 
 import numpy as np
 import pyqtgraph as pg
-
-from engine.protocol import ChangeEvent, EvalEvent, StepEvent, SystemEvent
-from gui.history import RunHistory
-from gui.widgets.plots import PlotPanel, nice_ceil
+from tunedeck.engine.protocol import ChangeEvent, EvalEvent, StepEvent, SystemEvent
+from tunedeck.gui.history import RunHistory
+from tunedeck.gui.widgets.plots import PlotPanel, nice_ceil
 
 
 def feed(h: RunHistory, n: int, start: int = 1) -> None:

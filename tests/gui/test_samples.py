@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gui.widgets.samples import SamplePanel
+from tunedeck.gui.widgets.samples import SamplePanel
 
 
 def test_the_prompt_is_sent_as_typed(qtbot):

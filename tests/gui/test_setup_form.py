@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from engine import config as cfgmod
-from engine.config import LIVE_KEYS, SECTIONS
-from gui.widgets.hyperparams import QUANT, fmt_value
-from gui.widgets.setup import SetupPanel
+from tunedeck.engine import config as cfgmod
+from tunedeck.engine.config import LIVE_KEYS, SECTIONS
+from tunedeck.gui.widgets.hyperparams import QUANT, fmt_value
+from tunedeck.gui.widgets.setup import SetupPanel
 
 
 def panel(qtbot) -> SetupPanel:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.protocol import StepEvent
-from gui.history import fmt_number
-from gui.main_window import MainWindow
+from tunedeck.engine.protocol import StepEvent
+from tunedeck.gui.history import fmt_number
+from tunedeck.gui.main_window import MainWindow
 
 LONG = ("train.max_steps=3000", "train.lr_scheduler_type=constant", "train.warmup_ratio=0")
 
@@ -151,8 +151,8 @@ def test_settings_and_geometry_are_remembered(make_window, make_config, settings
 
 
 def test_a_first_launch_opens_on_the_demo_preset(make_window, settings):
-    from engine import builtin
-    from engine import config as cfgmod
+    from tunedeck.engine import builtin
+    from tunedeck.engine import config as cfgmod
 
     demo = cfgmod.load(builtin.DEMO_PRESET)
     assert demo.train.learning_rate != cfgmod.Config().train.learning_rate  # so the check below can tell
