@@ -1,6 +1,6 @@
 """Print the engine's equality figures: accumulation vs a bigger batch, resume vs uninterrupted.
 
-    python -m bench.equality
+python -m bench.equality
 """
 
 from __future__ import annotations
@@ -15,33 +15,59 @@ from tests.engine.helpers import make_cfg, of, run, steps
 
 
 def accumulation(tmp: Path) -> None:
-    a_ev, a = run(make_cfg(tmp / "a", train__per_device_train_batch_size=8, train__gradient_accumulation_steps=1,
-                           train__max_steps=4, train__optim="sgd"))
-    b_ev, b = run(make_cfg(tmp / "b", train__per_device_train_batch_size=2, train__gradient_accumulation_steps=4,
-                           train__max_steps=4, train__optim="sgd"))
+    a_ev, a = run(
+        make_cfg(
+            tmp / "a",
+            train__per_device_train_batch_size=8,
+            train__gradient_accumulation_steps=1,
+            train__max_steps=4,
+            train__optim="sgd",
+        )
+    )
+    b_ev, b = run(
+        make_cfg(
+            tmp / "b",
+            train__per_device_train_batch_size=2,
+            train__gradient_accumulation_steps=4,
+            train__max_steps=4,
+            train__optim="sgd",
+        )
+    )
     la, lb = [e.loss for e in of(a_ev, "step")], [e.loss for e in of(b_ev, "step")]
     ga, gb = [e.grad_norm for e in of(a_ev, "step")], [e.grad_norm for e in of(b_ev, "step")]
     pa = dict(a.model.named_parameters())
-    worst_w = max(float((p.detach() - pa[n].detach()).abs().max()) for n, p in b.model.named_parameters() if p.requires_grad)
+    worst_w = max(
+        float((p.detach() - pa[n].detach()).abs().max())
+        for n, p in b.model.named_parameters()
+        if p.requires_grad
+    )
     print("accumulation: batch 8 x accum 1 vs batch 2 x accum 4, 4 steps, fp32 CPU")
     for i, (x, y) in enumerate(zip(la, lb), 1):
         print(f"  step {i}: loss {x:.7f} vs {y:.7f}  grad_norm {ga[i - 1]:.7f} vs {gb[i - 1]:.7f}")
-    print(f"  max |loss diff| {max(abs(x - y) for x, y in zip(la, lb)):.2e}, "
-          f"max rel grad-norm diff {max(abs(x - y) / x for x, y in zip(ga, gb)):.2e}, "
-          f"max |weight diff| after 4 steps {worst_w:.2e}")
+    print(
+        f"  max |loss diff| {max(abs(x - y) for x, y in zip(la, lb)):.2e}, "
+        f"max rel grad-norm diff {max(abs(x - y) / x for x, y in zip(ga, gb)):.2e}, "
+        f"max |weight diff| after 4 steps {worst_w:.2e}"
+    )
 
 
 def resume(tmp: Path) -> None:
-    kw = dict(train__max_steps=10, lora__dropout=0.1, train__lr_scheduler_type="cosine", train__warmup_steps=2)
+    kw = dict(
+        train__max_steps=10, lora__dropout=0.1, train__lr_scheduler_type="cosine", train__warmup_steps=2
+    )
     at = {2: [Set({"learning_rate": 1e-3})]}
     full, _ = run(make_cfg(tmp / "full", **kw), at=at)
     _, part = run(make_cfg(tmp / "part", train__save_steps=5, **kw), at=at)
     resumed, _ = run(None, resume_from=part.run_dir / "checkpoints" / "step-000005")
     a, b = steps(full), steps(resumed)
-    print("resume: 10 steps, dropout 0.1, LR changed live at step 2, checkpoint at 5, resumed in a new Trainer")
+    print(
+        "resume: 10 steps, dropout 0.1, LR changed live at step 2, checkpoint at 5, resumed in a new Trainer"
+    )
     for s in sorted(b):
-        print(f"  step {s}: uninterrupted {a[s].loss:.7f}  resumed {b[s].loss:.7f}  lr {a[s].learning_rate:.3e} "
-              f"vs {b[s].learning_rate:.3e}")
+        print(
+            f"  step {s}: uninterrupted {a[s].loss:.7f}  resumed {b[s].loss:.7f}  lr {a[s].learning_rate:.3e} "
+            f"vs {b[s].learning_rate:.3e}"
+        )
     print(f"  max |loss diff| {max(abs(a[s].loss - b[s].loss) for s in b):.1e}")
 
 

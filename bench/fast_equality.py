@@ -33,11 +33,15 @@ def runs(tmp: Path) -> None:
     a, b, c = steps(base), steps(packed), steps(block)
     print("packing, 6 steps on the demo, batch 4, fp32 CPU (losses: unpacked / padding-free / block mask)")
     for s in a:
-        print(f"  step {s}: {a[s].loss:.7f} / {b[s].loss:.7f} / {c[s].loss:.7f}   tokens {a[s].tokens} / "
-              f"{b[s].tokens} / {c[s].tokens}")
-    print(f"  step-1 |diff| padding-free {abs(a[1].loss - b[1].loss):.1e}, block mask {abs(a[1].loss - c[1].loss):.1e};"
-          f" max over 6 steps {max(abs(a[s].loss - b[s].loss) for s in a):.1e} / "
-          f"{max(abs(a[s].loss - c[s].loss) for s in a):.1e}")
+        print(
+            f"  step {s}: {a[s].loss:.7f} / {b[s].loss:.7f} / {c[s].loss:.7f}   tokens {a[s].tokens} / "
+            f"{b[s].tokens} / {c[s].tokens}"
+        )
+    print(
+        f"  step-1 |diff| padding-free {abs(a[1].loss - b[1].loss):.1e}, block mask {abs(a[1].loss - c[1].loss):.1e};"
+        f" max over 6 steps {max(abs(a[s].loss - b[s].loss) for s in a):.1e} / "
+        f"{max(abs(a[s].loss - c[s].loss) for s in a):.1e}"
+    )
 
 
 def per_example() -> None:
@@ -49,7 +53,7 @@ def per_example() -> None:
     examples = []
     for n in (17, 3, 40, 9, 128, 64):
         ids = torch.randint(3, 259, (n,), generator=g).tolist()
-        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n // 3) + ids[n // 3:]})
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n // 3) + ids[n // 3 :]})
     with torch.no_grad():
         alone = []
         for ex in examples:
@@ -61,16 +65,19 @@ def per_example() -> None:
             packed = fast.prepare_batch(collate(examples, 2, packing=True), varlen=impl == fast.VARLEN)
             logits = model(**{k: v for k, v in packed.items() if k != "labels"}, use_cache=False).logits
             labels = packed["labels"][0]
-            ce = torch.nn.functional.cross_entropy(logits[0, :-1], labels[1:], reduction="none",
-                                                   ignore_index=IGNORE_INDEX)
+            ce = torch.nn.functional.cross_entropy(
+                logits[0, :-1], labels[1:], reduction="none", ignore_index=IGNORE_INDEX
+            )
             cu = fast.cu_seqlens(packed["position_ids"])[0].tolist()
             got = []
             for s, e in zip(cu[:-1], cu[1:], strict=True):
                 seg = slice(s, e - 1)  # the prediction of e-1's successor belongs to the next example
-                got.append(float(ce[seg].sum() / (labels[s + 1:e] != IGNORE_INDEX).sum()))
+                got.append(float(ce[seg].sum() / (labels[s + 1 : e] != IGNORE_INDEX).sum()))
             worst[impl] = max(abs(x - y) for x, y in zip(alone, got, strict=True))
-    print(f"per-example loss in a packed row vs alone ({len(examples)} examples, 3..128 tokens): max |diff| "
-          f"block mask {worst['sdpa']:.1e}, padding-free {worst[fast.VARLEN]:.1e}")
+    print(
+        f"per-example loss in a packed row vs alone ({len(examples)} examples, 3..128 tokens): max |diff| "
+        f"block mask {worst['sdpa']:.1e}, padding-free {worst[fast.VARLEN]:.1e}"
+    )
 
 
 def attention() -> None:
@@ -86,12 +93,17 @@ def attention() -> None:
     k2, v2 = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
     ref, s = [], 0
     for n in lengths:
-        ref.append(torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, s:s + n], k2[:, :, s:s + n], v2[:, :, s:s + n], is_causal=True, scale=0.125))
+        ref.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, s : s + n], k2[:, :, s : s + n], v2[:, :, s : s + n], is_causal=True, scale=0.125
+            )
+        )
         s += n
     diff = (out - torch.cat(ref, 2).transpose(1, 2)).abs().max()
-    print(f"varlen attention (per-sequence path, GQA 8/2, 5 sequences 1..1024) vs SDPA per sequence: "
-          f"max |diff| {float(diff):.1e}")
+    print(
+        f"varlen attention (per-sequence path, GQA 8/2, 5 sequences 1..1024) vs SDPA per sequence: "
+        f"max |diff| {float(diff):.1e}"
+    )
 
 
 def compiled(tmp: Path) -> None:
@@ -102,9 +114,14 @@ def compiled(tmp: Path) -> None:
         sets = {"train__torch_compile": True, "train__torch_compile_backend": backend} if backend else {}
         events, _ = run(make_cfg(tmp / f"compile-{backend}", train__max_steps=8, **sets))
         losses[backend] = [e.loss for e in steps(events).values()]
-    worst = {b: max(abs(x - y) for x, y in zip(losses[None], losses[b], strict=True)) for b in ("inductor", "eager")}
-    print(f"torch_compile vs eager, 8 steps on the demo, batch 4, fp32 CPU: max |loss diff| "
-          f"inductor {worst['inductor']:.1e}, eager backend {worst['eager']:.1e}")
+    worst = {
+        b: max(abs(x - y) for x, y in zip(losses[None], losses[b], strict=True))
+        for b in ("inductor", "eager")
+    }
+    print(
+        f"torch_compile vs eager, 8 steps on the demo, batch 4, fp32 CPU: max |loss diff| "
+        f"inductor {worst['inductor']:.1e}, eager backend {worst['eager']:.1e}"
+    )
 
 
 if __name__ == "__main__":

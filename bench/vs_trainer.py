@@ -65,10 +65,21 @@ def llama_1b_dir() -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = builtin.build_tokenizer()
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=8192,
-                      rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
@@ -117,13 +128,13 @@ def engine_order(n: int, seed: int = SEED) -> list[int]:
 
 @dataclass
 class Result:
-    side: str               # trainer | engine | engine-monitoring-off
+    side: str  # trainer | engine | engine-monitoring-off
     job: str
     repeat: int
-    tokens: int             # real tokens in the timed steps
+    tokens: int  # real tokens in the timed steps
     seconds: float
     tokens_per_s: float
-    peak_mb: float | None   # CUDA: max allocated; CPU: peak RSS above the start of the run
+    peak_mb: float | None  # CUDA: max allocated; CPU: peak RSS above the start of the run
     first_loss: float | None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -190,17 +201,40 @@ def run_trainer(job: Job, repeat: int) -> Result:
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
     model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=job.dtype, attn_implementation="sdpa")
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
-    dataset = [{"input_ids": r["input_ids"], "attention_mask": [1] * len(r["input_ids"]), "labels": r["labels"]}
-               for r in (job.rows[j] for j in job.order)]
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=LORA["target_modules"],
+            task_type="CAUSAL_LM",
+        ),
+    )
+    dataset = [
+        {"input_ids": r["input_ids"], "attention_mask": [1] * len(r["input_ids"]), "labels": r["labels"]}
+        for r in (job.rows[j] for j in job.order)
+    ]
     total = job.warmup + job.steps
     kw: dict[str, Any] = dict(
-        output_dir=str(job.tmp / f"trainer-{repeat}"), per_device_train_batch_size=job.batch,
-        gradient_accumulation_steps=1, max_steps=total, learning_rate=LR, lr_scheduler_type="cosine",
-        warmup_steps=0, optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, bf16=job.gpu,
-        logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no", seed=SEED,
-        disable_tqdm=True, use_cpu=not job.gpu,
+        output_dir=str(job.tmp / f"trainer-{repeat}"),
+        per_device_train_batch_size=job.batch,
+        gradient_accumulation_steps=1,
+        max_steps=total,
+        learning_rate=LR,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=job.gpu,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        seed=SEED,
+        disable_tqdm=True,
+        use_cpu=not job.gpu,
     )
     fields = TrainingArguments.__dataclass_fields__
     if "train_sampling_strategy" in fields:
@@ -226,13 +260,19 @@ def run_trainer(job: Job, repeat: int) -> Result:
     hook = model.register_forward_hook(first_loss)
     cls = Trainer
     if "train_sampling_strategy" not in fields:  # older transformers: same order by a sequential sampler
+
         class SequentialTrainer(Trainer):
             def _get_train_sampler(self, *a, **k):
                 return torch.utils.data.SequentialSampler(self.train_dataset)
 
         cls = SequentialTrainer
-    trainer = cls(model=model, args=args, train_dataset=dataset, callbacks=[Clock()],
-                  data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE))
+    trainer = cls(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        callbacks=[Clock()],
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE),
+    )
     trainer.train()
     _sync(device)
     hook.remove()
@@ -242,14 +282,25 @@ def run_trainer(job: Job, repeat: int) -> Result:
     loss0 = float(losses[0]) if losses else None
     del trainer, model, hook
     _clean(device)
-    return Result("trainer", job.name, repeat, tokens, seconds, tokens / seconds, peak, loss0,
-                  {"optim": "adamw_torch", "attention": "sdpa", "collator": "DataCollatorForSeq2Seq"})
+    return Result(
+        "trainer",
+        job.name,
+        repeat,
+        tokens,
+        seconds,
+        tokens / seconds,
+        peak,
+        loss0,
+        {"optim": "adamw_torch", "attention": "sdpa", "collator": "DataCollatorForSeq2Seq"},
+    )
 
 
 # ---------------------------------------------------------------- (b) the engine
 
 
-def run_engine(job: Job, repeat: int, monitoring: bool = True, variant: tuple[str, list[str]] | None = None) -> Result:
+def run_engine(
+    job: Job, repeat: int, monitoring: bool = True, variant: tuple[str, list[str]] | None = None
+) -> Result:
     from tunedeck.engine import config as config_mod
     from tunedeck.engine.protocol import EndEvent, ErrorEvent, StartEvent, StepEvent, SystemEvent
     from tunedeck.engine.session import TrainingSession
@@ -263,17 +314,37 @@ def run_engine(job: Job, repeat: int, monitoring: bool = True, variant: tuple[st
     side = "engine" if monitoring else "engine-monitoring-off"
     if variant is not None:
         side = f"engine-{variant[0]}"
-    cfg = config_mod.from_dict({
-        "model": {"name_or_path": str(job.model_dir), "dtype": "auto", "attn_implementation": "sdpa"},
-        "lora": {"enabled": True, **LORA},
-        "data": {"path": str(job.data_file), "format": "tokenized", "max_length": job.seq_len,
-                 "packing": job.name == "variable", "eval_fraction": 0.0},
-        "train": {"learning_rate": LR, "lr_scheduler_type": "cosine", "warmup_ratio": 0.0, "warmup_steps": 0,
-                  "optim": "adamw_torch", "per_device_train_batch_size": job.batch, "gradient_accumulation_steps": 1,
-                  "max_steps": total, "max_grad_norm": 1.0, "weight_decay": 0.0, "seed": SEED,
-                  "logging_steps": logging_steps, "eval_steps": 0, "save_steps": 0,
-                  "output_dir": str(job.tmp / f"{side}-{repeat}"), "use_liger_kernel": True},
-    })
+    cfg = config_mod.from_dict(
+        {
+            "model": {"name_or_path": str(job.model_dir), "dtype": "auto", "attn_implementation": "sdpa"},
+            "lora": {"enabled": True, **LORA},
+            "data": {
+                "path": str(job.data_file),
+                "format": "tokenized",
+                "max_length": job.seq_len,
+                "packing": job.name == "variable",
+                "eval_fraction": 0.0,
+            },
+            "train": {
+                "learning_rate": LR,
+                "lr_scheduler_type": "cosine",
+                "warmup_ratio": 0.0,
+                "warmup_steps": 0,
+                "optim": "adamw_torch",
+                "per_device_train_batch_size": job.batch,
+                "gradient_accumulation_steps": 1,
+                "max_steps": total,
+                "max_grad_norm": 1.0,
+                "weight_decay": 0.0,
+                "seed": SEED,
+                "logging_steps": logging_steps,
+                "eval_steps": 0,
+                "save_steps": 0,
+                "output_dir": str(job.tmp / f"{side}-{repeat}"),
+                "use_liger_kernel": True,
+            },
+        }
+    )
     # --engine-set changes every engine side; a --variant adds its own on top, as a side of its own.
     overrides = job.engine_set + (variant[1] if variant is not None else [])
     if overrides:
@@ -306,8 +377,14 @@ def run_engine(job: Job, repeat: int, monitoring: bool = True, variant: tuple[st
         counted = sum(steps[s].tokens for s in range(job.warmup + 1, total + 1))
         assert counted == tokens, f"engine counted {counted} real tokens, the data holds {tokens}"
     first = steps[1].loss if 1 in steps else None
-    info = ({k: start.model.get(k) for k in ("dtype", "device", "liger", "liger_rope", "compiled", "attention",
-                                              "optimizer")} if start else {})
+    info = (
+        {
+            k: start.model.get(k)
+            for k in ("dtype", "device", "liger", "liger_rope", "compiled", "attention", "optimizer")
+        }
+        if start
+        else {}
+    )
     info.update(system_events=systems, step_events=len(steps), logging_steps=logging_steps)
     del session
     _clean(device)
@@ -352,8 +429,20 @@ def make_job(name: str, args: argparse.Namespace, model_dir: Path, vocab: int, t
     with open(data_file, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    return Job(name, args.mode == "gpu", model_dir, rows, engine_order(n), data_file, tmp, args.batch,
-               args.seq_len, args.warmup, args.steps, list(args.engine_set))
+    return Job(
+        name,
+        args.mode == "gpu",
+        model_dir,
+        rows,
+        engine_order(n),
+        data_file,
+        tmp,
+        args.batch,
+        args.seq_len,
+        args.warmup,
+        args.steps,
+        list(args.engine_set),
+    )
 
 
 # ---------------------------------------------------------------- report
@@ -371,10 +460,12 @@ def summarize(results: list[Result]) -> dict[str, Any]:
         sides = {}
         for side in dict.fromkeys(r.side for r in rs):
             mine = [r for r in rs if r.side == side]
-            sides[side] = {"tokens_per_s": _median([r.tokens_per_s for r in mine]),
-                           "tokens_per_s_runs": [round(r.tokens_per_s, 1) for r in mine],
-                           "peak_mb": _median([r.peak_mb for r in mine]),
-                           "first_loss": mine[0].first_loss}
+            sides[side] = {
+                "tokens_per_s": _median([r.tokens_per_s for r in mine]),
+                "tokens_per_s_runs": [round(r.tokens_per_s, 1) for r in mine],
+                "peak_mb": _median([r.peak_mb for r in mine]),
+                "first_loss": mine[0].first_loss,
+            }
         a, b = sides.get("trainer"), sides.get("engine")
         summary: dict[str, Any] = {"sides": sides}
         if a and b:
@@ -384,8 +475,11 @@ def summarize(results: list[Result]) -> dict[str, Any]:
             if a["first_loss"] is not None and b["first_loss"] is not None:
                 summary["first_loss_diff"] = abs(a["first_loss"] - b["first_loss"])
         if a:
-            summary["variant_speed_ratio"] = {side: v["tokens_per_s"] / a["tokens_per_s"] for side, v in sides.items()
-                                              if side.startswith("engine-") and side != "engine-monitoring-off"}
+            summary["variant_speed_ratio"] = {
+                side: v["tokens_per_s"] / a["tokens_per_s"]
+                for side, v in sides.items()
+                if side.startswith("engine-") and side != "engine-monitoring-off"
+            }
         off = sides.get("engine-monitoring-off")
         if b and off:
             summary["monitoring_cost"] = 1 - b["tokens_per_s"] / off["tokens_per_s"]
@@ -397,10 +491,16 @@ def machine() -> dict[str, Any]:
     import peft
     import transformers
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_avg": [round(x, 2) for x in os.getloadavg()]}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
@@ -450,13 +550,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=1024, help="fixed length; longest variable length")
     p.add_argument("--min-len", type=int, default=64, help="shortest variable length")
     p.add_argument("--monitoring", action="store_true", help="also time the engine with its monitoring off")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads for both sides (0: all cores but one on the CPU, as the engine picks)")
-    p.add_argument("--engine-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override an engine setting (repeatable), e.g. train.torch_compile=true")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME:SECTION.KEY=VALUE[,...]",
-                   help="also time the engine with these overrides, as side engine-NAME (repeatable), "
-                        "e.g. compile:train.torch_compile=true")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads for both sides (0: all cores but one on the CPU, as the engine picks)",
+    )
+    p.add_argument(
+        "--engine-set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override an engine setting (repeatable), e.g. train.torch_compile=true",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:SECTION.KEY=VALUE[,...]",
+        help="also time the engine with these overrides, as side engine-NAME (repeatable), "
+        "e.g. compile:train.torch_compile=true",
+    )
     p.add_argument("--skip-trainer", action="store_true", help="run the engine only (no ratios)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -483,9 +597,12 @@ def main(argv: list[str] | None = None) -> int:
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     jobs = ("fixed", "variable") if args.job == "all" else (args.job,)
     info = machine()
-    print(f"mode {args.mode}, model {model_dir.name}, batch {args.batch}, seq_len {args.seq_len}, "
-          f"warmup {args.warmup}, steps {args.steps}, repeats {args.repeats}"
-          + (f", engine overrides {args.engine_set}" if args.engine_set else ""), flush=True)
+    print(
+        f"mode {args.mode}, model {model_dir.name}, batch {args.batch}, seq_len {args.seq_len}, "
+        f"warmup {args.warmup}, steps {args.steps}, repeats {args.repeats}"
+        + (f", engine overrides {args.engine_set}" if args.engine_set else ""),
+        flush=True,
+    )
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="tunedeck-bench-") as d:
@@ -506,17 +623,28 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(r)
                     peak = f"{r.peak_mb:,.0f} MiB" if r.peak_mb is not None else "n/a"
                     loss = f"{r.first_loss:.5f}" if r.first_loss is not None else "n/a"
-                    print(f"  {name:8s} {r.side:22s} run {i}: {r.tokens_per_s:10,.0f} tokens/s  "
-                          f"({r.tokens} tokens in {r.seconds:.2f} s), peak {peak}, step-1 loss {loss}  {r.info}",
-                          flush=True)
+                    print(
+                        f"  {name:8s} {r.side:22s} run {i}: {r.tokens_per_s:10,.0f} tokens/s  "
+                        f"({r.tokens} tokens in {r.seconds:.2f} s), peak {peak}, step-1 loss {loss}  {r.info}",
+                        flush=True,
+                    )
     summary = summarize(results)
     mem_label = "peak allocated" if args.mode == "gpu" else "peak RSS delta"
     print_table(summary, mem_label)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": " ".join(["python -m bench.vs_trainer", *(argv or sys.argv[1:])]),
-                                        "args": {k: str(v) for k, v in vars(args).items()}, "machine": info,
-                                        "summary": summary, "runs": [asdict(r) for r in results]}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "command": " ".join(["python -m bench.vs_trainer", *(argv or sys.argv[1:])]),
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "machine": info,
+                    "summary": summary,
+                    "runs": [asdict(r) for r in results],
+                },
+                indent=2,
+            )
+        )
         print(f"wrote {args.out}")
     return 0
 

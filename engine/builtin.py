@@ -20,7 +20,6 @@ DEMO = "builtin:demo"
 TINY_VERSION = "v3"
 
 
-
 # A real folder in a checkout and in an installed wheel alike (never a zip), so a Path.
 RESOURCES = Path(str(resources.files("tunedeck.resources")))
 DEMO_FILE = RESOURCES / "demo" / "demo.jsonl"
@@ -71,9 +70,7 @@ def build_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
 

@@ -32,8 +32,15 @@ def _save_weights(model: torch.nn.Module, folder: Path) -> None:
     model.save_pretrained(folder, safe_serialization=True)
 
 
-def write(folder: Path, *, model: torch.nn.Module, tokenizer: Any, cfg: Config, state: dict[str, Any],
-          optimizer: torch.optim.Optimizer | None) -> Path:
+def write(
+    folder: Path,
+    *,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    cfg: Config,
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None,
+) -> Path:
     """Write a checkpoint at ``folder`` atomically and return its path."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -69,11 +76,15 @@ def write(folder: Path, *, model: torch.nn.Module, tokenizer: Any, cfg: Config, 
 def read_state(folder: Path) -> tuple[Config, dict[str, Any]]:
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
-        raise ConfigError(f"{folder} is not a Tunedeck checkpoint (no {STATE_FILE})",
-                          "give a folder such as runs/<run>/checkpoints/step-000200")
+        raise ConfigError(
+            f"{folder} is not a Tunedeck checkpoint (no {STATE_FILE})",
+            "give a folder such as runs/<run>/checkpoints/step-000200",
+        )
     if not (folder / "optimizer.pt").is_file():
-        raise ConfigError(f"{folder} holds weights but no optimizer state, so it cannot be resumed exactly",
-                          "resume from a folder under checkpoints/")
+        raise ConfigError(
+            f"{folder} holds weights but no optimizer state, so it cannot be resumed exactly",
+            "resume from a folder under checkpoints/",
+        )
     cfg = config_mod.load(folder / "config.yaml")
     return cfg, json.loads((folder / STATE_FILE).read_text())
 
@@ -89,8 +100,10 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
         result = set_peft_model_state_dict(model, load_file(adapter, device=str(_device_of(model))))
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
-            raise ConfigError(f"the adapter in {folder} does not fit this model ({unexpected[0]})",
-                              "resume with the model the checkpoint was made with")
+            raise ConfigError(
+                f"the adapter in {folder} does not fit this model ({unexpected[0]})",
+                "resume with the model the checkpoint was made with",
+            )
         return
     full = folder / "model.safetensors"
     if not full.is_file():
@@ -101,7 +114,9 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
 def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     # On the CPU first: torch's load_state_dict moves each moment to its parameter's device and keeps
     # ``step`` where the optimizer wants it (CPU unless fused or capturable).
-    optimizer.load_state_dict(torch.load(Path(folder) / "optimizer.pt", weights_only=True, map_location="cpu"))
+    optimizer.load_state_dict(
+        torch.load(Path(folder) / "optimizer.pt", weights_only=True, map_location="cpu")
+    )
 
 
 def load_rng(folder: Path) -> None:

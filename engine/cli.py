@@ -40,11 +40,19 @@ DEMO_PRESET = builtin.DEMO_PRESET
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tunedeck-train", description="Fine-tune a language model headless.")
     p.add_argument("config", nargs="?", help="YAML config (default: the builtin demo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one setting, e.g. --set train.learning_rate=2e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set train.learning_rate=2e-4 (repeatable)",
+    )
     p.add_argument("--output-dir", help="where run folders go (train.output_dir)")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint folder")
-    p.add_argument("--control", metavar="FILE", help="apply JSON-line commands appended to FILE while the run goes")
+    p.add_argument(
+        "--control", metavar="FILE", help="apply JSON-line commands appended to FILE while the run goes"
+    )
     p.add_argument("--quiet", action="store_true", help="print only warnings, errors and the result")
     return p.parse_args(argv)
 
@@ -55,8 +63,10 @@ def build_config(args: argparse.Namespace) -> config_mod.Config:
 
         cfg, _ = checkpoint.read_state(Path(args.resume))
         if args.config:
-            raise ConfigError("give either a config or --resume, not both",
-                              "a resumed run uses the config stored in its checkpoint; change it with --set")
+            raise ConfigError(
+                "give either a config or --resume, not both",
+                "a resumed run uses the config stored in its checkpoint; change it with --set",
+            )
     else:
         cfg = config_mod.load(args.config or DEMO_PRESET)
     overrides = list(args.overrides)
@@ -139,26 +149,34 @@ class Printer:
             return
         elif isinstance(e, StartEvent):
             m, d = e.model, e.data
-            self.say(f"run {e.run_id}: {m.get('params_trainable', 0):,} of {m.get('params_total', 0):,} parameters "
-                     f"trainable, {m.get('dtype')} on {m.get('device')}; {d.get('train_examples')} train / "
-                     f"{d.get('eval_examples')} eval examples; {e.total_steps} steps -> {e.run_dir}")
+            self.say(
+                f"run {e.run_id}: {m.get('params_trainable', 0):,} of {m.get('params_total', 0):,} parameters "
+                f"trainable, {m.get('dtype')} on {m.get('device')}; {d.get('train_examples')} train / "
+                f"{d.get('eval_examples')} eval examples; {e.total_steps} steps -> {e.run_dir}"
+            )
             for line in (e.fast_paths(), e.compile_note()):
                 if line:
                     self.say(line)
             if self.tty:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=e.total_steps, initial=e.step, file=self.stream, unit="step", dynamic_ncols=True)
+                self.bar = tqdm(
+                    total=e.total_steps, initial=e.step, file=self.stream, unit="step", dynamic_ncols=True
+                )
         elif isinstance(e, StepEvent):
             if self.bar is not None:
                 self.bar.total = e.total_steps
                 self.bar.update(e.step - self.bar.n)
-                self.bar.set_postfix(loss=f"{e.loss:.4f}", lr=f"{e.learning_rate:.2e}", tok_s=f"{e.tokens_per_s:,.0f}")
+                self.bar.set_postfix(
+                    loss=f"{e.loss:.4f}", lr=f"{e.learning_rate:.2e}", tok_s=f"{e.tokens_per_s:,.0f}"
+                )
             else:
                 gn = f"{e.grad_norm:.3f}" if e.grad_norm is not None else "-"
-                self.say(f"step {e.step}/{e.total_steps} loss {e.loss:.4f} lr {e.learning_rate:.3e} grad_norm {gn} "
-                         f"accum {e.gradient_accumulation_steps} tok/s {e.tokens_per_s:,.0f} "
-                         f"step_time {e.step_time_s * 1000:.1f}ms")
+                self.say(
+                    f"step {e.step}/{e.total_steps} loss {e.loss:.4f} lr {e.learning_rate:.3e} grad_norm {gn} "
+                    f"accum {e.gradient_accumulation_steps} tok/s {e.tokens_per_s:,.0f} "
+                    f"step_time {e.step_time_s * 1000:.1f}ms"
+                )
         elif isinstance(e, ChangeEvent):
             text = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in e.changes.items())
             self.say(f"change after step {e.step} ({e.source}): {text}")
@@ -211,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         while end is None:
             for e in session.drain():
                 printer.handle(e)
-                config_error |= isinstance(e, ErrorEvent) and e.kind == "config" and end is None and session.run_dir is None
+                config_error |= (
+                    isinstance(e, ErrorEvent)
+                    and e.kind == "config"
+                    and end is None
+                    and session.run_dir is None
+                )
                 if isinstance(e, EndEvent):
                     end = e
             if end is None:
@@ -222,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         printer.close()
     session.join()
     where = f" -> {end.output}" if end.output else ""
-    print(f"{end.status} at step {end.step}{where}", file=sys.stderr if args.quiet else printer.stream, flush=True)
+    print(
+        f"{end.status} at step {end.step}{where}",
+        file=sys.stderr if args.quiet else printer.stream,
+        flush=True,
+    )
     if end.status in ("completed", "stopped"):
         return 0
     return 2 if config_error else 1

@@ -109,7 +109,9 @@ class LoraConfig:
     )
     r: int = _f(32, "Rank of each adapter: more rank, more capacity and more trainable parameters.")
     alpha: float = _f(64, "Adapter scale: the update is multiplied by alpha / r.")
-    dropout: float = _f(0.1, "Dropout on the adapter input during training; a regulariser against overfitting.")
+    dropout: float = _f(
+        0.1, "Dropout on the adapter input during training; a regulariser against overfitting."
+    )
     target_modules: Any = _f(
         ["q_proj", "k_proj", "v_proj", "o_proj"],
         "Which layers get adapters: a list of module names, or all-linear for every linear layer "
@@ -162,7 +164,8 @@ class TrainConfig:
         {}, "Extra schedule settings as in HF, e.g. min_lr_rate for cosine_with_min_lr, num_cycles, power."
     )
     warmup_ratio: float = _f(
-        0.03, "Share of the steps over which the learning rate ramps up from 0, which steadies early training."
+        0.03,
+        "Share of the steps over which the learning rate ramps up from 0, which steadies early training.",
     )
     warmup_steps: int = _f(0, "Warm-up in steps; overrides warmup_ratio when above 0.")
     optim: str = _f(
@@ -206,12 +209,16 @@ class TrainConfig:
         "(new batch shapes and evaluation recompile, so short runs and the CPU rarely gain).",
     )
     torch_compile_backend: str = _f(
-        "inductor", "torch.compile backend when torch_compile is on: inductor generates fused kernels; "
-        "aot_eager only traces (a quick check that the model compiles).", COMPILE_BACKENDS,
+        "inductor",
+        "torch.compile backend when torch_compile is on: inductor generates fused kernels; "
+        "aot_eager only traces (a quick check that the model compiles).",
+        COMPILE_BACKENDS,
     )
     torch_compile_mode: str = _f(
-        "default", "inductor's mode when torch_compile is on: reduce-overhead adds CUDA graphs (fixed shapes "
-        "only), max-autotune searches kernels for longer.", COMPILE_MODES,
+        "default",
+        "inductor's mode when torch_compile is on: reduce-overhead adds CUDA graphs (fixed shapes "
+        "only), max-autotune searches kernels for longer.",
+        COMPILE_MODES,
     )
 
 
@@ -232,7 +239,12 @@ class Config:
         return getattr(self, name)
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+}
 
 
 def field_help(section: str, key: str) -> str:
@@ -271,7 +283,16 @@ def coerce(section: str, key: str, value: Any) -> Any:
         if typ is bool:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            if isinstance(value, str) and value.lower() in (
+                "true",
+                "false",
+                "yes",
+                "no",
+                "on",
+                "off",
+                "1",
+                "0",
+            ):
                 return value.lower() in ("true", "yes", "on", "1")
             raise ValueError
         if typ is int:
@@ -301,7 +322,13 @@ def coerce(section: str, key: str, value: Any) -> Any:
                 raise ValueError
             return dict(value)
     except (TypeError, ValueError):
-        kind = {bool: "true or false", int: "a whole number", float: "a number", str: "text", dict: "a mapping"}
+        kind = {
+            bool: "true or false",
+            int: "a whole number",
+            float: "a number",
+            str: "text",
+            dict: "a mapping",
+        }
         raise ConfigError(
             f"{where}={value!r} is not {kind.get(typ, typ)}", f"give {where} {kind.get(typ, typ)}"
         ) from None
@@ -407,8 +434,10 @@ def from_dict(data: dict[str, Any] | None) -> Config:
     """Build a validated Config from nested dicts; unknown sections and keys are errors."""
     data = data or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}",
-                          f"use sections {', '.join(SECTIONS)}")
+        raise ConfigError(
+            f"a config must be a mapping of sections, got {type(data).__name__}",
+            f"use sections {', '.join(SECTIONS)}",
+        )
     cfg = Config()
     for name, values in data.items():
         if name not in SECTIONS:
@@ -416,8 +445,9 @@ def from_dict(data: dict[str, Any] | None) -> Config:
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"section {name!r} must be a mapping, got {values!r}",
-                              f"write it as {name}: {{key: value}}")
+            raise ConfigError(
+                f"section {name!r} must be a mapping, got {values!r}", f"write it as {name}: {{key: value}}"
+            )
         sec = cfg.section(name)
         for key, value in values.items():
             _field(name, key)
@@ -455,7 +485,9 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     data = cfg.to_dict()
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"--set {item!r} is not section.key=value", "write e.g. --set train.learning_rate=2e-4")
+            raise ConfigError(
+                f"--set {item!r} is not section.key=value", "write e.g. --set train.learning_rate=2e-4"
+            )
         dotted, raw = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
         _field(section, key)

@@ -457,7 +457,9 @@ def prompt_ids(tokenizer: Any, fmt: str, prompt: str) -> list[int]:
     if fmt == "messages":
         renderer = _ChatRenderer(tokenizer)
         marker = "\x00"
-        lead = renderer.render([{"role": "user", "content": marker}], add_generation_prompt=True).split(marker)[0]
+        lead = renderer.render([{"role": "user", "content": marker}], add_generation_prompt=True).split(
+            marker
+        )[0]
         if not (lead.strip() and prompt.startswith(lead.strip())):
             prompt = renderer.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
         return _encode(tokenizer, [prompt])[0]

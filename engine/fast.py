@@ -109,15 +109,26 @@ def _derive_on_device(position_ids: torch.Tensor) -> tuple[torch.Tensor, int] | 
     if _derived["ids"] is not position_ids or _derived["version"] != position_ids._version:
         cu, max_len = cu_seqlens(position_ids)
         packed = cu.numel() - 1 > position_ids.reshape(-1, position_ids.shape[-1]).shape[0]
-        _derived.update(ids=position_ids, version=position_ids._version, value=(cu, max_len) if packed else None)
+        _derived.update(
+            ids=position_ids, version=position_ids._version, value=(cu, max_len) if packed else None
+        )
     return _derived["value"]
 
 
 def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, **kwargs)
+    return sdpa_attention_forward(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=dropout,
+        scaling=scaling,
+        is_causal=is_causal,
+        **kwargs,
+    )
 
 
 def _per_sequence(query, key, value, cu: list[int], dropout: float, scaling: float | None) -> torch.Tensor:
@@ -131,9 +142,17 @@ def _per_sequence(query, key, value, cu: list[int], dropout: float, scaling: flo
             value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
     outs = []
     for s, e in zip(cu[:-1], cu[1:], strict=True):
-        outs.append(torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True, scale=scaling,
-            **gqa))
+        outs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, s:e],
+                key[:, :, s:e],
+                value[:, :, s:e],
+                dropout_p=dropout,
+                is_causal=True,
+                scale=scaling,
+                **gqa,
+            )
+        )
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
@@ -169,8 +188,12 @@ def varlen_attention_forward(
     max_len = kwargs.pop(MAX_Q, None)
     kwargs.pop(CU_K, None)
     kwargs.pop(MAX_K, None)
-    plain = attention_mask is not None or query.shape[2] != key.shape[2] or is_causal is False \
+    plain = (
+        attention_mask is not None
+        or query.shape[2] != key.shape[2]
+        or is_causal is False
         or not getattr(module, "is_causal", True)
+    )
     if not plain and cu is None and kwargs.get("position_ids") is not None:
         derived = _derive_on_device(kwargs["position_ids"])
         if derived is not None:
@@ -182,7 +205,9 @@ def varlen_attention_forward(
     kernel = varlen_kernel()
     if kernel is None or not _kernel_ok(query, dropout, scaling, kernel[1]):
         if b != 1:
-            query, key, value = (x.transpose(0, 1).reshape(1, x.shape[1], b * t, d) for x in (query, key, value))
+            query, key, value = (
+                x.transpose(0, 1).reshape(1, x.shape[1], b * t, d) for x in (query, key, value)
+            )
         cu_list = cu.tolist() if isinstance(cu, torch.Tensor) else list(cu)
         out = _per_sequence(query, key, value, cu_list, dropout, scaling)
         return out.reshape(b, t, hq, d), None
@@ -215,8 +240,14 @@ def _kernel_ok(query: torch.Tensor, dropout: float, scaling: float | None, featu
     no attention dropout, and the default scale unless it takes ``scale``."""
     d = query.shape[-1]
     default_scale = scaling is None or abs(scaling - d**-0.5) < 1e-12
-    return (query.device.type == "cuda" and query.dtype in (torch.bfloat16, torch.float16) and dropout == 0
-            and d % 8 == 0 and d <= 256 and (features["scale"] or default_scale))
+    return (
+        query.device.type == "cuda"
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and dropout == 0
+        and d % 8 == 0
+        and d <= 256
+        and (features["scale"] or default_scale)
+    )
 
 
 def use_varlen(model: torch.nn.Module) -> bool:
@@ -239,7 +270,9 @@ def use_varlen(model: torch.nn.Module) -> bool:
     return getattr(config, "_attn_implementation", None) == VARLEN
 
 
-def enable_varlen(model: torch.nn.Module, packing: bool, device: torch.device, dtype: torch.dtype) -> str | None:
+def enable_varlen(
+    model: torch.nn.Module, packing: bool, device: torch.device, dtype: torch.dtype
+) -> str | None:
     """Switch packed batches to padding-free attention; returns how it runs, or None.
 
     ``varlen_attn``: the flash varlen kernel (CUDA, half precision). ``sdpa_per_sequence``: on the
@@ -290,7 +323,9 @@ def _peft_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def autocast(device: torch.device, dtype: torch.dtype, model: torch.nn.Module | None = None) -> Iterator[None]:
+def autocast(
+    device: torch.device, dtype: torch.dtype, model: torch.nn.Module | None = None
+) -> Iterator[None]:
     """bf16 autocast where the weights are bf16 on CUDA (as HF's ``bf16=True``); otherwise nothing.
 
     Inside it, peft's LoRA layers skip casting their input to the fp32 adapter dtype: autocast casts

@@ -37,8 +37,15 @@ class RopeSwitch:
     def __init__(self, plain: Any, fused: Any) -> None:
         self.plain, self.fused = plain, fused
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 *args: Any, **kwargs: Any) -> Any:
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
         # Liger's signature differs past the fourth argument (position_ids before unsqueeze_dim), so
         # only the plain four-argument call, the one the attention modules make, is handed over.
         if RopeSwitch.fused_on and not args and not kwargs:
@@ -75,7 +82,9 @@ def apply(model: torch.nn.Module, device: torch.device) -> Applied:
     try:
         # cross_entropy=False: for some model types Liger's plain cross-entropy patch replaces
         # torch.nn.functional.cross_entropy process-wide; the fused linear one is per instance.
-        _apply_liger_kernel_to_instance(model=model, rope=True, cross_entropy=False, fused_linear_cross_entropy=True)
+        _apply_liger_kernel_to_instance(
+            model=model, rope=True, cross_entropy=False, fused_linear_cross_entropy=True
+        )
     except Exception:  # an architecture Liger does not know
         return Applied()
     finally:

@@ -29,8 +29,14 @@ class Loaded:
     def info(self) -> dict[str, Any]:
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return {"params_total": total, "params_trainable": trainable, "dtype": str(self.dtype).removeprefix("torch."),
-                "device": str(self.device), "liger": self.liger, "liger_rope": self.liger_rope}
+        return {
+            "params_total": total,
+            "params_trainable": trainable,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "liger": self.liger,
+            "liger_rope": self.liger_rope,
+        }
 
 
 def pick_device() -> torch.device:
@@ -43,7 +49,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     if name in ("bfloat16", "float16") and device.type == "cpu":
-        raise ConfigError(f"model.dtype={name} is not supported for training on the CPU", "use model.dtype=auto")
+        raise ConfigError(
+            f"model.dtype={name} is not supported for training on the CPU", "use model.dtype=auto"
+        )
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -58,8 +66,10 @@ def resolve_path(name_or_path: str) -> str:
         raise missing
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():
-            raise ModelError(f"{name_or_path} is not a model folder (no config.json)",
-                             "give a folder saved with save_pretrained, a hub id, or builtin:tiny")
+            raise ModelError(
+                f"{name_or_path} is not a model folder (no config.json)",
+                "give a folder saved with save_pretrained, a hub id, or builtin:tiny",
+            )
         return str(p)
     return name_or_path  # a hub id
 
@@ -71,9 +81,13 @@ def check_causal_lm(path: str, trust_remote_code: bool) -> None:
         return  # hub id: transformers reports that below
     cfg = json.loads(cfg_file.read_text())
     archs = cfg.get("architectures") or []
-    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
-        raise ModelError(f"{path} holds a {archs[0]}, not a causal language model",
-                         "pick a decoder model (…ForCausalLM), e.g. a Llama, Qwen or Mistral checkpoint")
+    if archs and not any(
+        a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs
+    ):
+        raise ModelError(
+            f"{path} holds a {archs[0]}, not a causal language model",
+            "pick a decoder model (…ForCausalLM), e.g. a Llama, Qwen or Mistral checkpoint",
+        )
 
 
 def quantization_config(cfg: Config, dtype: torch.dtype) -> Any:
@@ -81,17 +95,24 @@ def quantization_config(cfg: Config, dtype: torch.dtype) -> Any:
         return None
     which = "model.load_in_4bit" if cfg.model.load_in_4bit else "model.load_in_8bit"
     if not torch.cuda.is_available():
-        raise ConfigError(f"{which}=true needs a CUDA GPU (bitsandbytes)", f"set {which}=false on this machine")
+        raise ConfigError(
+            f"{which}=true needs a CUDA GPU (bitsandbytes)", f"set {which}=false on this machine"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ConfigError(f"{which}=true needs bitsandbytes, which is not installed",
-                          "pip install 'tunedeck[gpu]'") from None
+        raise ConfigError(
+            f"{which}=true needs bitsandbytes, which is not installed", "pip install 'tunedeck[gpu]'"
+        ) from None
     from transformers import BitsAndBytesConfig
 
     if cfg.model.load_in_4bit:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -119,8 +140,10 @@ def load(cfg: Config, device: torch.device | None = None) -> Loaded:
         )
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"could not load model {cfg.model.name_or_path!r}: {first}",
-                         "check the hub id or folder, the network, and that it is a causal LM") from None
+        raise ModelError(
+            f"could not load model {cfg.model.name_or_path!r}: {first}",
+            "check the hub id or folder, the network, and that it is a causal LM",
+        ) from None
     if tokenizer.pad_token_id is None:
         # Padding positions carry no loss and no attention, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -128,8 +151,14 @@ def load(cfg: Config, device: torch.device | None = None) -> Loaded:
         model.to(device)
     applied = liger.apply(model, device) if cfg.train.use_liger_kernel else liger.Applied()
     model = wrap_for_training(model, cfg, quantized=quant is not None)
-    return Loaded(model=model, tokenizer=tokenizer, device=device, dtype=dtype, liger=applied.kernels,
-                  liger_rope=applied.rope)
+    return Loaded(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        liger=applied.kernels,
+        liger_rope=applied.rope,
+    )
 
 
 def wrap_for_training(model: torch.nn.Module, cfg: Config, *, quantized: bool) -> torch.nn.Module:
@@ -137,7 +166,9 @@ def wrap_for_training(model: torch.nn.Module, cfg: Config, *, quantized: bool) -
     if quantized:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing
+        )
     elif cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora.enabled:
@@ -148,14 +179,22 @@ def wrap_for_training(model: torch.nn.Module, cfg: Config, *, quantized: bool) -
         return model
     from peft import LoraConfig, get_peft_model
 
-    lc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                    target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM", bias="none")
+    lc = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
     try:
         with warnings.catch_warnings():
             # peft asks transformers 5 an attribute it deprecated; nothing for a user to act on.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             return get_peft_model(model, lc)
     except ValueError as e:
-        raise ConfigError(f"lora.target_modules={cfg.lora.target_modules!r} does not match this model: "
-                          f"{str(e).splitlines()[0]}",
-                          "use names of its linear layers (e.g. q_proj, v_proj) or all-linear") from None
+        raise ConfigError(
+            f"lora.target_modules={cfg.lora.target_modules!r} does not match this model: "
+            f"{str(e).splitlines()[0]}",
+            "use names of its linear layers (e.g. q_proj, v_proj) or all-linear",
+        ) from None

@@ -92,7 +92,9 @@ class SystemSampler:
 
     def sample(self) -> SystemEvent:
         gpu = self.nvml.read() if self.nvml is not None else {}
-        return SystemEvent(rss_mb=self.proc.memory_info().rss / MB, cpu_percent=self.proc.cpu_percent(None), **gpu)
+        return SystemEvent(
+            rss_mb=self.proc.memory_info().rss / MB, cpu_percent=self.proc.cpu_percent(None), **gpu
+        )
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -20,7 +20,9 @@ BNB_OPTIMS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 ADAM_FP32 = ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit")
 
 
-def param_groups(params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float
+) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for name, p in params:
         if not p.requires_grad:
@@ -40,25 +42,31 @@ def set_weight_decay(opt: torch.optim.Optimizer, weight_decay: float) -> None:
 
 def _need_bnb(name: str) -> Any:
     if not torch.cuda.is_available():
-        raise ConfigError(f"train.optim={name} needs a CUDA GPU (bitsandbytes)",
-                          "use adamw_torch on this machine")
+        raise ConfigError(
+            f"train.optim={name} needs a CUDA GPU (bitsandbytes)", "use adamw_torch on this machine"
+        )
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise ConfigError(f"train.optim={name} needs bitsandbytes, which is not installed",
-                          "pip install 'tunedeck[gpu]' or use adamw_torch") from None
+        raise ConfigError(
+            f"train.optim={name} needs bitsandbytes, which is not installed",
+            "pip install 'tunedeck[gpu]' or use adamw_torch",
+        ) from None
     return bnb
 
 
 def check_available(name: str) -> None:
     """Raise a ConfigError now, before any work, if ``name`` cannot run on this machine."""
     if name not in OPTIM_NAMES:
-        raise ConfigError(f"train.optim={name!r} is not a known optimizer", f"allowed: {', '.join(OPTIM_NAMES)}")
+        raise ConfigError(
+            f"train.optim={name!r} is not a known optimizer", f"allowed: {', '.join(OPTIM_NAMES)}"
+        )
     if name in BNB_OPTIMS:
         _need_bnb(name)
     if name == "adamw_torch_fused" and not _fused_ok():
-        raise ConfigError("train.optim=adamw_torch_fused needs CUDA (or a torch with fused CPU AdamW)",
-                          "use adamw_torch")
+        raise ConfigError(
+            "train.optim=adamw_torch_fused needs CUDA (or a torch with fused CPU AdamW)", "use adamw_torch"
+        )
 
 
 def _fused_ok() -> bool:
@@ -107,11 +115,18 @@ def _moments(state: dict[str, Any]) -> tuple[float, torch.Tensor, torch.Tensor] 
     return None
 
 
-def swap(old: torch.optim.Optimizer, old_name: str, new_name: str, train: TrainConfig,
-         weight_decay: float) -> tuple[torch.optim.Optimizer, bool]:
+def swap(
+    old: torch.optim.Optimizer, old_name: str, new_name: str, train: TrainConfig, weight_decay: float
+) -> tuple[torch.optim.Optimizer, bool]:
     """Build ``new_name`` over ``old``'s parameters; return it and whether Adam moments were carried."""
-    groups = [{"params": list(g["params"]), "decays": g.get("decays", True),
-               "weight_decay": weight_decay if g.get("decays", True) else 0.0} for g in old.param_groups]
+    groups = [
+        {
+            "params": list(g["params"]),
+            "decays": g.get("decays", True),
+            "weight_decay": weight_decay if g.get("decays", True) else 0.0,
+        }
+        for g in old.param_groups
+    ]
     lr = old.param_groups[0]["lr"]
     new = build(new_name, groups, train, lr)
     if old_name not in ADAM_FP32 or new_name not in ADAM_FP32:
@@ -132,7 +147,10 @@ def swap(old: torch.optim.Optimizer, old_name: str, new_name: str, train: TrainC
                     "exp_avg_sq": m2.detach().clone().to(p.device),
                 }
             else:  # bitsandbytes 32-bit: its own names for the two moments
-                new.state[p] = {"step": int(step), "state1": m1.detach().clone().float(),
-                                "state2": m2.detach().clone().float()}
+                new.state[p] = {
+                    "step": int(step),
+                    "state1": m1.detach().clone().float(),
+                    "state2": m2.detach().clone().float(),
+                }
             carried = True
     return new, carried

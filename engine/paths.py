@@ -29,8 +29,10 @@ def missing_dataset(path: str) -> DataError | None:
     """The refusal of a dataset path read as a local file that does not exist, or None."""
     if not path or path == DEMO or Path(path).expanduser().is_file() or is_hub_dataset(path):
         return None
-    return DataError(f"dataset file {Path(path).expanduser().absolute()} does not exist",
-                     "choose an existing file, a hub dataset owner/name, or builtin:demo")
+    return DataError(
+        f"dataset file {Path(path).expanduser().absolute()} does not exist",
+        "choose an existing file, a hub dataset owner/name, or builtin:demo",
+    )
 
 
 def model_is_local(name: str) -> bool:
@@ -40,7 +42,14 @@ def model_is_local(name: str) -> bool:
 
 def missing_model(name: str) -> ModelError | None:
     """The refusal of a model name read as a local folder that does not exist, or None."""
-    if not name or name.startswith("builtin:") or not model_is_local(name) or Path(name).expanduser().exists():
+    if (
+        not name
+        or name.startswith("builtin:")
+        or not model_is_local(name)
+        or Path(name).expanduser().exists()
+    ):
         return None
-    return ModelError(f"model folder {Path(name).expanduser().absolute()} does not exist",
-                      "choose an existing folder, a hub id like owner/name, or builtin:tiny")
+    return ModelError(
+        f"model folder {Path(name).expanduser().absolute()} does not exist",
+        "choose an existing folder, a hub id like owner/name, or builtin:tiny",
+    )

@@ -85,8 +85,10 @@ COMMANDS: dict[str, type[Command]] = {
 def command_from_dict(data: dict[str, Any]) -> Command:
     """Parse ``{"cmd": ...}``; a malformed command raises ConfigError with a one-line reason."""
     if not isinstance(data, dict) or "cmd" not in data:
-        raise ConfigError(f"a command must be an object with a 'cmd' key, got {data!r}",
-                          f"e.g. {{\"cmd\": \"set\", \"learning_rate\": 2e-4}}; commands: {', '.join(COMMANDS)}")
+        raise ConfigError(
+            f"a command must be an object with a 'cmd' key, got {data!r}",
+            f'e.g. {{"cmd": "set", "learning_rate": 2e-4}}; commands: {", ".join(COMMANDS)}',
+        )
     name = data["cmd"]
     if name not in COMMANDS:
         raise ConfigError(f"unknown command {name!r}", f"commands: {', '.join(COMMANDS)}")
@@ -99,14 +101,18 @@ def command_from_dict(data: dict[str, Any]) -> Command:
     allowed = {f.name for f in dataclasses.fields(cls)}
     extra = set(rest) - allowed
     if extra:
-        raise ConfigError(f"command {name!r} takes no {', '.join(sorted(extra))}",
-                          f"{name} takes: {', '.join(sorted(allowed)) or 'nothing'}")
+        raise ConfigError(
+            f"command {name!r} takes no {', '.join(sorted(extra))}",
+            f"{name} takes: {', '.join(sorted(allowed)) or 'nothing'}",
+        )
     if name == "sample":
         if not isinstance(rest.get("prompt", ""), str):
             raise ConfigError("sample prompt must be text", 'e.g. {"cmd": "sample", "prompt": "Hello"}')
         mnt = rest.get("max_new_tokens", 64)
         if isinstance(mnt, bool) or not isinstance(mnt, int) or not 1 <= mnt <= 4096:
-            raise ConfigError(f"sample max_new_tokens={mnt!r} is out of range", "give a whole number from 1 to 4096")
+            raise ConfigError(
+                f"sample max_new_tokens={mnt!r} is out of range", "give a whole number from 1 to 4096"
+            )
     return cls(**rest)
 
 
@@ -138,15 +144,19 @@ class StartEvent(Event):
     def fast_paths(self) -> str:
         """One line on how this run computes: attention, optimizer, Liger ("" when the engine said nothing)."""
         m = self.model
-        parts = [f"{m['attention']} attention" if m.get("attention") else "",
-                 f"{m['optimizer']} optimizer" if m.get("optimizer") else "",
-                 ("Liger kernels" + (" with RoPE" if m.get("liger_rope") else "")) if m.get("liger") else ""]
+        parts = [
+            f"{m['attention']} attention" if m.get("attention") else "",
+            f"{m['optimizer']} optimizer" if m.get("optimizer") else "",
+            ("Liger kernels" + (" with RoPE" if m.get("liger_rope") else "")) if m.get("liger") else "",
+        ]
         return ", ".join(p for p in parts if p)
 
     def compile_note(self) -> str:
         """What to expect when the model is compiled, or ""."""
         compiled = self.model.get("compiled")
-        return f"torch.compile ({compiled}): the first steps compile the model and are slow" if compiled else ""
+        return (
+            f"torch.compile ({compiled}): the first steps compile the model and are slow" if compiled else ""
+        )
 
 
 @dataclass(frozen=True)
@@ -244,8 +254,19 @@ class EndEvent(Event):
 
 EVENTS: dict[str, type[Event]] = {
     e.type: e
-    for e in (StartEvent, StateEvent, StepEvent, SystemEvent, EvalEvent, ChangeEvent, SampleEvent,
-              CheckpointEvent, WarningEvent, ErrorEvent, EndEvent)
+    for e in (
+        StartEvent,
+        StateEvent,
+        StepEvent,
+        SystemEvent,
+        EvalEvent,
+        ChangeEvent,
+        SampleEvent,
+        CheckpointEvent,
+        WarningEvent,
+        ErrorEvent,
+        EndEvent,
+    )
 }
 
 

@@ -33,8 +33,11 @@ def default_kwargs(kind: str, total_steps: int) -> dict[str, Any]:
     return {}
 
 
-def multiplier(kind: str, x: float, *, warmup: float, total: float, base_lr: float, kw: dict[str, Any]) -> float:
+def multiplier(
+    kind: str, x: float, *, warmup: float, total: float, base_lr: float, kw: dict[str, Any]
+) -> float:
     """The HF lambda of ``kind`` at (possibly fractional) step ``x``; same formulas, same defaults."""
+
     def ramp() -> float:
         return x / max(1.0, warmup)
 
@@ -78,9 +81,11 @@ def multiplier(kind: str, x: float, *, warmup: float, total: float, base_lr: flo
         return 1.0 / math.sqrt((x + timescale - warmup) / timescale)
     if kind == "warmup_stable_decay":
         return _wsd(x, warmup=warmup, total=total, kw=kw)
-    raise ConfigError(f"train.lr_scheduler_type={kind!r} is not a known schedule",
-                      "use constant, linear, cosine, cosine_with_restarts, polynomial, inverse_sqrt, "
-                      "cosine_with_min_lr, constant_with_warmup or warmup_stable_decay")
+    raise ConfigError(
+        f"train.lr_scheduler_type={kind!r} is not a known schedule",
+        "use constant, linear, cosine, cosine_with_restarts, polynomial, inverse_sqrt, "
+        "cosine_with_min_lr, constant_with_warmup or warmup_stable_decay",
+    )
 
 
 def _wsd(x: float, *, warmup: float, total: float, kw: dict[str, Any]) -> float:
@@ -93,7 +98,11 @@ def _wsd(x: float, *, warmup: float, total: float, kw: dict[str, Any]) -> float:
         if kind == "linear":
             return p if rising else 1.0 - p
         if kind == "cosine":
-            return 0.5 * (1.0 - math.cos(math.pi * p)) if rising else 0.5 * (1.0 + math.cos(math.pi * cycles * 2.0 * p))
+            return (
+                0.5 * (1.0 - math.cos(math.pi * p))
+                if rising
+                else 0.5 * (1.0 + math.cos(math.pi * cycles * 2.0 * p))
+            )
         if kind == "1-sqrt":
             return 1.0 - math.sqrt(1.0 - p) if rising else 1.0 - math.sqrt(p)
         raise ConfigError(f"warmup_stable_decay type {kind!r} is unknown", "use linear, cosine or 1-sqrt")
@@ -112,18 +121,31 @@ def _wsd(x: float, *, warmup: float, total: float, kw: dict[str, Any]) -> float:
 class LRSchedule:
     """The LR of every optimizer step, with live re-anchoring. Its state is plain JSON."""
 
-    def __init__(self, kind: str, base_lr: float, total_steps: int, warmup_steps: int,
-                 kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        base_lr: float,
+        total_steps: int,
+        warmup_steps: int,
+        kwargs: dict[str, Any] | None = None,
+    ) -> None:
         self.base_lr = float(base_lr)
         self.total = float(total_steps)
         self.kwargs = {**default_kwargs(kind, total_steps), **(kwargs or {})}
         # One segment: a shape on [start, total] scaled by ``scale`` (the multiplier it starts from).
-        self.segment: dict[str, Any] = {"kind": kind, "start": 0.0, "warmup": float(warmup_steps), "scale": 1.0,
-                                        "kwargs": dict(self.kwargs)}
+        self.segment: dict[str, Any] = {
+            "kind": kind,
+            "start": 0.0,
+            "warmup": float(warmup_steps),
+            "scale": 1.0,
+            "kwargs": dict(self.kwargs),
+        }
         self.pos = 0.0  # virtual position of the next optimizer step
         self.stride = 1.0
         self.steps_taken = 0
-        multiplier(kind, 0.0, warmup=float(warmup_steps), total=self.total, base_lr=self.base_lr, kw=self.kwargs)
+        multiplier(
+            kind, 0.0, warmup=float(warmup_steps), total=self.total, base_lr=self.base_lr, kw=self.kwargs
+        )
 
     @property
     def kind(self) -> str:
@@ -131,8 +153,14 @@ class LRSchedule:
 
     def _mult_at(self, x: float) -> float:
         s = self.segment
-        return s["scale"] * multiplier(s["kind"], x - s["start"], warmup=s["warmup"], total=self.total - s["start"],
-                                       base_lr=self.base_lr, kw=s["kwargs"])
+        return s["scale"] * multiplier(
+            s["kind"],
+            x - s["start"],
+            warmup=s["warmup"],
+            total=self.total - s["start"],
+            base_lr=self.base_lr,
+            kw=s["kwargs"],
+        )
 
     def lr(self) -> float:
         """The LR for the next optimizer step."""
@@ -160,7 +188,13 @@ class LRSchedule:
             return
         scale = self.last_lr() / self.base_lr
         # Anchored at the last step taken, so the new curve continues from the LR in use, with no jump.
-        self.segment = {"kind": kind, "start": self.pos - self.stride, "warmup": 0.0, "scale": scale, "kwargs": kw}
+        self.segment = {
+            "kind": kind,
+            "start": self.pos - self.stride,
+            "warmup": 0.0,
+            "scale": scale,
+            "kwargs": kw,
+        }
 
     def respread(self, remaining_steps: int) -> None:
         """Spread ``remaining_steps`` real steps over the rest of the virtual axis."""
@@ -169,8 +203,15 @@ class LRSchedule:
             self.stride = remaining_virtual / remaining_steps
 
     def state_dict(self) -> dict[str, Any]:
-        return {"base_lr": self.base_lr, "total": self.total, "kwargs": self.kwargs, "segment": self.segment,
-                "pos": self.pos, "stride": self.stride, "steps_taken": self.steps_taken}
+        return {
+            "base_lr": self.base_lr,
+            "total": self.total,
+            "kwargs": self.kwargs,
+            "segment": self.segment,
+            "pos": self.pos,
+            "stride": self.stride,
+            "steps_taken": self.steps_taken,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.base_lr = float(state["base_lr"])

@@ -100,7 +100,9 @@ class TrainingSession:
     system sampler in seconds; 0 turns it off (with ``train.logging_steps`` above 1, monitoring off).
     """
 
-    def __init__(self, config: Config | None, resume_from: str | Path | None = None, *, system_interval: float = 1.0) -> None:
+    def __init__(
+        self, config: Config | None, resume_from: str | Path | None = None, *, system_interval: float = 1.0
+    ) -> None:
         self.config = config
         self.resume_from = resume_from
         self.system_interval = system_interval
@@ -159,16 +161,25 @@ class TrainingSession:
 
         sampler = None
         try:
-            trainer = Trainer(self.config, self._emit, self._commands, self.resume_from, on_run_dir=self._set_run_dir)
+            trainer = Trainer(
+                self.config, self._emit, self._commands, self.resume_from, on_run_dir=self._set_run_dir
+            )
             import torch
 
             if self.system_interval > 0:  # 0 turns the system sampler off
-                sampler = SystemSampler(self._emit, use_gpu=torch.cuda.is_available(), interval=self.system_interval)
+                sampler = SystemSampler(
+                    self._emit, use_gpu=torch.cuda.is_available(), interval=self.system_interval
+                )
                 sampler.start()
             end = trainer.run()
         except Exception as e:  # the engine thread never dies silently, nor takes its host down
-            self._emit(ErrorEvent(message=f"internal error: {type(e).__name__}: {e}", kind="internal",
-                                  advice="this is a bug; the traceback is in metrics.jsonl"))
+            self._emit(
+                ErrorEvent(
+                    message=f"internal error: {type(e).__name__}: {e}",
+                    kind="internal",
+                    advice="this is a bug; the traceback is in metrics.jsonl",
+                )
+            )
             self._log.write(ErrorEvent(message=traceback.format_exc(), kind="internal", advice=""))
             end = EndEvent(status="failed", step=getattr(locals().get("trainer"), "step", 0), output=None)
         finally:

@@ -51,23 +51,33 @@ from tunedeck.engine.protocol import (
 )
 from tunedeck.engine.schedule import LRSchedule, warmup_steps_for
 
-OOM_ADVICE = ("lower train.per_device_train_batch_size and raise train.gradient_accumulation_steps, "
-              "lower data.max_length, load the model in 4-bit (model.load_in_4bit) or turn on "
-              "model.gradient_checkpointing")
-NAN_ADVICE = "lower the learning rate (set learning_rate) or max_grad_norm, then resume; the weights were not updated"
+OOM_ADVICE = (
+    "lower train.per_device_train_batch_size and raise train.gradient_accumulation_steps, "
+    "lower data.max_length, load the model in 4-bit (model.load_in_4bit) or turn on "
+    "model.gradient_checkpointing"
+)
+NAN_ADVICE = (
+    "lower the learning rate (set learning_rate) or max_grad_norm, then resume; the weights were not updated"
+)
 
 
 @dataclass
 class Position:
     """Where the micro-batch stream stands; enough to resume exactly."""
 
-    micro: int = 0          # micro-batches consumed since the start of the run
-    total_micro: int = 0    # micro-batches the run plans to consume (recounted on accumulation changes)
+    micro: int = 0  # micro-batches consumed since the start of the run
+    total_micro: int = 0  # micro-batches the run plans to consume (recounted on accumulation changes)
 
 
 class Trainer:
-    def __init__(self, cfg: Config | None, emit: Callable[[Event], None], commands: queue.Queue,
-                 resume_from: str | Path | None = None, on_run_dir: Callable[[Path], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config | None,
+        emit: Callable[[Event], None],
+        commands: queue.Queue,
+        resume_from: str | Path | None = None,
+        on_run_dir: Callable[[Path], None] | None = None,
+    ) -> None:
         """``cfg`` None with ``resume_from``: the checkpoint's own (effective) config."""
         if cfg is None and resume_from is None:
             raise ValueError("a Trainer needs a config or a checkpoint to resume from")
@@ -96,7 +106,9 @@ class Trainer:
             self.emit(ErrorEvent(message=e.message, kind=e.kind, advice=e.advice))
         except torch.OutOfMemoryError:
             self._release_memory()
-            self.emit(ErrorEvent(message=f"out of memory at step {self.step + 1}", kind="oom", advice=OOM_ADVICE))
+            self.emit(
+                ErrorEvent(message=f"out of memory at step {self.step + 1}", kind="oom", advice=OOM_ADVICE)
+            )
         output = None
         if status in ("completed", "stopped") and self.run_dir is not None:
             output = str(self.run_dir / "final")
@@ -121,9 +133,14 @@ class Trainer:
         self.train_examples, self.eval_examples = splits.train, splits.eval
         self.data_format = splits.format
         if splits.dropped:
-            self.emit(WarningEvent(message=f"{splits.dropped} examples had no answer token left within "
-                                           f"data.max_length={cfg.data.max_length} and were dropped",
-                                   kind="data", advice="raise data.max_length to keep them"))
+            self.emit(
+                WarningEvent(
+                    message=f"{splits.dropped} examples had no answer token left within "
+                    f"data.max_length={cfg.data.max_length} and were dropped",
+                    kind="data",
+                    advice="raise data.max_length to keep them",
+                )
+            )
         self.per_epoch = math.ceil(len(self.train_examples) / t.per_device_train_batch_size)
         self.ga = t.gradient_accumulation_steps
         if t.max_steps > 0:
@@ -137,40 +154,69 @@ class Trainer:
         params = list(self.model.named_parameters())
         self.trainable = [p for _, p in params if p.requires_grad]
         self.optim_name = t.optim
-        self.optimizer = optim.build(fast.optimizer_name(t.optim, self.device),
-                                     optim.param_groups(params, t.weight_decay), t, t.learning_rate)
+        self.optimizer = optim.build(
+            fast.optimizer_name(t.optim, self.device),
+            optim.param_groups(params, t.weight_decay),
+            t,
+            t.learning_rate,
+        )
         warmup = warmup_steps_for(total_steps, t.warmup_steps, t.warmup_ratio)
-        self.schedule = LRSchedule(t.lr_scheduler_type, t.learning_rate, total_steps, warmup, t.lr_scheduler_kwargs)
+        self.schedule = LRSchedule(
+            t.lr_scheduler_type, t.learning_rate, total_steps, warmup, t.lr_scheduler_kwargs
+        )
         if resume_state is not None:
             self._restore(resume_state)
         if t.torch_compile:
             self._compile()
         self._open_run_dir()
-        self.emit(StartEvent(
-            run_id=self.run_dir.name, config=cfg.to_dict(),
-            model={**self.loaded.info(), "compiled": self.compiled, "attention": f"{fast.VARLEN} ({self.varlen})" if self.varlen else cfg.model.attn_implementation,
-                   "optimizer": fast.optimizer_name(t.optim, self.device)},
-            data={"train_examples": len(self.train_examples), "eval_examples": len(self.eval_examples),
-                  "format": splits.format, "dropped": splits.dropped},
-            total_steps=self.total_steps, run_dir=str(self.run_dir),
-            resumed_from=str(self.resume_from) if self.resume_from else None, changes=list(self.change_log),
-            step=self.step))
+        self.emit(
+            StartEvent(
+                run_id=self.run_dir.name,
+                config=cfg.to_dict(),
+                model={
+                    **self.loaded.info(),
+                    "compiled": self.compiled,
+                    "attention": f"{fast.VARLEN} ({self.varlen})"
+                    if self.varlen
+                    else cfg.model.attn_implementation,
+                    "optimizer": fast.optimizer_name(t.optim, self.device),
+                },
+                data={
+                    "train_examples": len(self.train_examples),
+                    "eval_examples": len(self.eval_examples),
+                    "format": splits.format,
+                    "dropped": splits.dropped,
+                },
+                total_steps=self.total_steps,
+                run_dir=str(self.run_dir),
+                resumed_from=str(self.resume_from) if self.resume_from else None,
+                changes=list(self.change_log),
+                step=self.step,
+            )
+        )
 
     @contextlib.contextmanager
     def _compute(self) -> Iterator[None]:
         """Around every forward pass of the model: bf16 autocast and Liger's RoPE where they apply."""
-        with fast.autocast(self.device, self.loaded.dtype, self.model), liger.fused_rope(self.loaded.liger_rope):
+        with (
+            fast.autocast(self.device, self.loaded.dtype, self.model),
+            liger.fused_rope(self.loaded.liger_rope),
+        ):
             yield
 
     def _compile(self) -> None:
         """torch.compile the model in place (``Module.compile``), so parameter names, checkpoints,
         ``generate`` and live changes see the same module as without it."""
         t = self.cfg.train
-        for key, value, default in (("torch_compile_backend", "cudagraphs", "inductor"),
-                                    ("torch_compile_mode", "reduce-overhead", "default")):
+        for key, value, default in (
+            ("torch_compile_backend", "cudagraphs", "inductor"),
+            ("torch_compile_mode", "reduce-overhead", "default"),
+        ):
             if self.device.type != "cuda" and getattr(t, key) == value:
-                raise ConfigError(f"train.{key}={value} needs a CUDA GPU (it records CUDA graphs)",
-                                  f"set train.{key}={default} on this machine")
+                raise ConfigError(
+                    f"train.{key}={value} needs a CUDA GPU (it records CUDA graphs)",
+                    f"set train.{key}={default} on this machine",
+                )
         kwargs: dict[str, Any] = {"backend": t.torch_compile_backend}
         if t.torch_compile_backend == "inductor" and t.torch_compile_mode != "default":
             kwargs["mode"] = t.torch_compile_mode
@@ -213,8 +259,9 @@ class Trainer:
                 continue  # non-finite: the run was paused, nothing was updated
             # The loss read inside the step synchronised the device, so this is the step's true time.
             step_time = time.perf_counter() - began
-            self.step_time_ema = step_time if self.step == self.start_step + 1 else \
-                0.9 * self.step_time_ema + 0.1 * step_time
+            self.step_time_ema = (
+                step_time if self.step == self.start_step + 1 else 0.9 * self.step_time_ema + 0.1 * step_time
+            )
             if self.step % t.logging_steps == 0 or self.step == self.total_steps:
                 self._emit_step(loss, grad_norm, tokens, step_time)
             if t.eval_steps and self.step % t.eval_steps == 0 and self.eval_examples:
@@ -232,7 +279,7 @@ class Trainer:
         for _ in range(n):
             epoch, i = divmod(self.pos.micro, self.per_epoch)
             order = self._order(epoch)
-            out.append([self.train_examples[j] for j in order[i * b:(i + 1) * b]])
+            out.append([self.train_examples[j] for j in order[i * b : (i + 1) * b]])
             self.pos.micro += 1
         return out
 
@@ -245,19 +292,25 @@ class Trainer:
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.device.type == "cuda":
-            return {k: v.pin_memory().to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                    for k, v in batch.items()}
+            return {
+                k: v.pin_memory().to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()
+            }
         return batch
 
     def _optimizer_step(self) -> tuple[float | None, float | None, int]:
         t = self.cfg.train
         pad = self.tokenizer.pad_token_id
-        batches = [fast.prepare_batch(data.collate(mb, pad, packing=self.cfg.data.packing), self.varlen)
-                   for mb in self._next_micro_batches()]
+        batches = [
+            fast.prepare_batch(data.collate(mb, pad, packing=self.cfg.data.packing), self.varlen)
+            for mb in self._next_micro_batches()
+        ]
         # Counted on the host before the copy, so normalising costs no device sync.
         n_targets = max(1, sum(data.count_targets(b) for b in batches))
-        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                     for b in batches)
+        tokens = sum(
+            int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+            for b in batches
+        )
         loss_sum = torch.zeros((), device=self.device)
         for b in batches:
             with self._compute():
@@ -269,8 +322,14 @@ class Trainer:
         loss, norm = torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device)]).tolist()
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            self.emit(WarningEvent(message=f"loss {loss} / grad norm {norm} at step {self.step + 1} is not finite; "
-                                           "paused before the optimizer step; that batch is skipped", kind="nan", advice=NAN_ADVICE))
+            self.emit(
+                WarningEvent(
+                    message=f"loss {loss} / grad norm {norm} at step {self.step + 1} is not finite; "
+                    "paused before the optimizer step; that batch is skipped",
+                    kind="nan",
+                    advice=NAN_ADVICE,
+                )
+            )
             self._set_state("paused")
             return None, None, tokens
         lr = self.schedule.lr()
@@ -285,12 +344,23 @@ class Trainer:
 
     def _emit_step(self, loss: float, grad_norm: float | None, tokens: int, step_time: float) -> None:
         elapsed = self.elapsed_before + time.perf_counter() - self.t0
-        self.emit(StepEvent(
-            step=self.step, epoch=self.pos.micro / self.per_epoch, loss=loss, learning_rate=self.last_lr,
-            grad_norm=grad_norm, gradient_accumulation_steps=self.ga, tokens=tokens,
-            tokens_per_s=tokens / step_time if step_time > 0 else 0.0, step_time_s=step_time,
-            elapsed_s=elapsed, eta_s=self.step_time_ema * (self.total_steps - self.step), total_steps=self.total_steps,
-            **step_memory(self.device)))
+        self.emit(
+            StepEvent(
+                step=self.step,
+                epoch=self.pos.micro / self.per_epoch,
+                loss=loss,
+                learning_rate=self.last_lr,
+                grad_norm=grad_norm,
+                gradient_accumulation_steps=self.ga,
+                tokens=tokens,
+                tokens_per_s=tokens / step_time if step_time > 0 else 0.0,
+                step_time_s=step_time,
+                elapsed_s=elapsed,
+                eta_s=self.step_time_ema * (self.total_steps - self.step),
+                total_steps=self.total_steps,
+                **step_memory(self.device),
+            )
+        )
 
     # ------------------------------------------------------------ commands
 
@@ -324,8 +394,11 @@ class Trainer:
             elif isinstance(cmd, Save):
                 self.save_checkpoint()
             elif isinstance(cmd, Eval):
-                self._require(bool(self.eval_examples), "eval: this run has no eval split",
-                              "set data.eval_fraction above 0 for the next run")
+                self._require(
+                    bool(self.eval_examples),
+                    "eval: this run has no eval split",
+                    "set data.eval_fraction above 0 for the next run",
+                )
                 self.evaluate()
             elif isinstance(cmd, Sample):
                 self.sample(cmd.prompt, cmd.max_new_tokens)
@@ -346,8 +419,9 @@ class Trainer:
         checked: dict[str, Any] = {}
         for key, raw in values.items():
             if key not in LIVE_KEYS:
-                raise ConfigError(f"{key} cannot be changed while a run goes",
-                                  f"live-changeable: {', '.join(LIVE_KEYS)}")
+                raise ConfigError(
+                    f"{key} cannot be changed while a run goes", f"live-changeable: {', '.join(LIVE_KEYS)}"
+                )
             checked[key] = validate_value("train", key, raw)
         if "optim" in checked:
             optim.check_available(checked["optim"])
@@ -362,14 +436,23 @@ class Trainer:
         if "gradient_accumulation_steps" in changes:
             auto = self._regroup(checked["gradient_accumulation_steps"])
         if "optim" in changes:
-            self.optimizer, carried = optim.swap(self.optimizer, fast.optimizer_name(self.optim_name, self.device),
-                                                 fast.optimizer_name(checked["optim"], self.device), t,
-                                                 checked.get("weight_decay", t.weight_decay))
+            self.optimizer, carried = optim.swap(
+                self.optimizer,
+                fast.optimizer_name(self.optim_name, self.device),
+                fast.optimizer_name(checked["optim"], self.device),
+                t,
+                checked.get("weight_decay", t.weight_decay),
+            )
             self.optim_name = checked["optim"]
             if not carried and self.step:
-                self.emit(WarningEvent(message=f"{changes['optim'][0]} -> {checked['optim']}: optimizer state "
-                                               "starts fresh (moments carry over only between fp32 Adam variants)",
-                                       kind="config", advice=""))
+                self.emit(
+                    WarningEvent(
+                        message=f"{changes['optim'][0]} -> {checked['optim']}: optimizer state "
+                        "starts fresh (moments carry over only between fp32 Adam variants)",
+                        kind="config",
+                        advice="",
+                    )
+                )
         if "weight_decay" in changes:
             optim.set_weight_decay(self.optimizer, checked["weight_decay"])
         for k, v in checked.items():
@@ -400,9 +483,12 @@ class Trainer:
         self.model.eval()
         bs = self.cfg.train.per_device_eval_batch_size
         pad = self.tokenizer.pad_token_id
-        batches = [fast.prepare_batch(data.collate(self.eval_examples[i:i + bs], pad, packing=self.cfg.data.packing),
-                                      self.varlen)
-                   for i in range(0, len(self.eval_examples), bs)]
+        batches = [
+            fast.prepare_batch(
+                data.collate(self.eval_examples[i : i + bs], pad, packing=self.cfg.data.packing), self.varlen
+            )
+            for i in range(0, len(self.eval_examples), bs)
+        ]
         n_targets = max(1, sum(data.count_targets(b) for b in batches))
         total = torch.zeros((), device=self.device)
         for b in batches:
@@ -423,10 +509,18 @@ class Trainer:
         ids = torch.tensor([prompt_ids], device=self.device)
         enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         # Generation must not draw from the training RNG, or a sample would change the run.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), self._compute():
-            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-        text = self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        with (
+            torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
+            self._compute(),
+        ):
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        text = self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         self.model.train(was_training)
         self.emit(SampleEvent(step=self.step, prompt=prompt, text=text))
         return text
@@ -450,12 +544,23 @@ class Trainer:
         assert self.run_dir is not None
         folder = folder or self.run_dir / "checkpoints" / checkpoint.step_dir_name(self.step)
         try:
-            path = checkpoint.write(folder, model=self.model, tokenizer=self.tokenizer, cfg=self.cfg,
-                                    state=self.trainer_state(), optimizer=self.optimizer if with_optimizer else None)
+            path = checkpoint.write(
+                folder,
+                model=self.model,
+                tokenizer=self.tokenizer,
+                cfg=self.cfg,
+                state=self.trainer_state(),
+                optimizer=self.optimizer if with_optimizer else None,
+            )
         except OSError as e:
-            self.emit(ErrorEvent(message=f"could not save {folder}: {e.strerror or e}", kind="internal",
-                                 advice="free disk space or point train.output_dir elsewhere; earlier checkpoints "
-                                        "are untouched and training goes on"))
+            self.emit(
+                ErrorEvent(
+                    message=f"could not save {folder}: {e.strerror or e}",
+                    kind="internal",
+                    advice="free disk space or point train.output_dir elsewhere; earlier checkpoints "
+                    "are untouched and training goes on",
+                )
+            )
             return None
         if folder.parent.name == "checkpoints":
             checkpoint.prune(folder.parent, self.cfg.train.save_total_limit)
@@ -508,4 +613,3 @@ def _leave_a_core_free() -> None:
     cores = os.cpu_count() or 1
     if cores > 1 and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() >= cores:
         torch.set_num_threads(cores - 1)
-

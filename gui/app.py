@@ -15,9 +15,13 @@ ICON = builtin.RESOURCES / "icons" / "tunedeck.svg"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="tunedeck",
-        description="Tunedeck: fine-tune language models with LoRA/QLoRA and watch (and steer) the run live.")
-    ap.add_argument("config", nargs="?", help="settings to open (a preset or config YAML); "
-                                              "default: the settings used last time")
+        description="Tunedeck: fine-tune language models with LoRA/QLoRA and watch (and steer) the run live.",
+    )
+    ap.add_argument(
+        "config",
+        nargs="?",
+        help="settings to open (a preset or config YAML); default: the settings used last time",
+    )
     ap.add_argument("--start", action="store_true", help="start the run as soon as the window is open")
     return ap.parse_args(argv)
 

@@ -117,8 +117,13 @@ class SessionBridge(QObject):
             with contextlib.suppress(Exception):
                 batch += list(s.drain())
             if not any(isinstance(ev, EndEvent) for ev in batch):
-                batch.append(ErrorEvent(message="the training thread ended without reporting why",
-                                        kind="internal", advice="see the terminal for a traceback"))
+                batch.append(
+                    ErrorEvent(
+                        message="the training thread ended without reporting why",
+                        kind="internal",
+                        advice="see the terminal for a traceback",
+                    )
+                )
                 batch.append(EndEvent(status="failed", step=self.step, output=None))
         if batch:
             self._deliver(batch)
@@ -137,8 +142,11 @@ class SessionBridge(QObject):
     def _error_event(self, e: BaseException) -> ErrorEvent:
         if isinstance(e, TunedeckError):
             return ErrorEvent(message=e.message, kind=e.kind, advice=e.advice)
-        return ErrorEvent(message=f"{type(e).__name__}: {e}", kind="internal",
-                          advice="this is a bug in Tunedeck; the traceback is in the terminal")
+        return ErrorEvent(
+            message=f"{type(e).__name__}: {e}",
+            kind="internal",
+            advice="this is a bug in Tunedeck; the traceback is in the terminal",
+        )
 
     def _deliver(self, batch: list[Event]) -> None:
         end: EndEvent | None = None

@@ -42,7 +42,7 @@ def launcher() -> str:
 
 def _quote(arg: str) -> str:
     """Quote an Exec argument as the desktop entry spec asks, when it needs it."""
-    if not any(c in arg for c in ' \t\n"\'\\><~|&;$*?#()`'):
+    if not any(c in arg for c in " \t\n\"'\\><~|&;$*?#()`"):
         return arg
     escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`").replace("$", "\\$")
     return f'"{escaped}"'
@@ -70,8 +70,10 @@ def desktop_entry(command: str) -> str:
 
 
 def _refresh(home: Path) -> None:
-    for cmd in (["update-desktop-database", str(home / "applications")],
-                ["gtk-update-icon-cache", "-q", "-t", "-f", str(home / "icons" / "hicolor")]):
+    for cmd in (
+        ["update-desktop-database", str(home / "applications")],
+        ["gtk-update-icon-cache", "-q", "-t", "-f", str(home / "icons" / "hicolor")],
+    ):
         if shutil.which(cmd[0]):
             subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -102,7 +104,9 @@ def uninstall(home: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tunedeck.gui.desktop_install", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m tunedeck.gui.desktop_install", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--uninstall", action="store_true", help="remove the entry and the icons")
     ap.add_argument("--data-home", help="instead of $XDG_DATA_HOME or ~/.local/share")
     args = ap.parse_args(argv)

@@ -182,8 +182,9 @@ class RunHistory:
             if not self.changes:  # a resumed run carries its change log: show those markers too
                 for c in getattr(ev, "changes", None) or []:
                     if isinstance(c, dict) and "step" in c:
-                        self.changes.append(Change(int(c["step"]), dict(c.get("changes") or {}),
-                                                   str(c.get("source", "user"))))
+                        self.changes.append(
+                            Change(int(c["step"]), dict(c.get("changes") or {}), str(c.get("source", "user")))
+                        )
         elif isinstance(ev, StateEvent):
             self.state = ev.state
         elif isinstance(ev, CheckpointEvent):
@@ -358,7 +359,9 @@ class Envelope:
 # ---------------------------------------------------------------------- smoothing
 
 
-def ema(values: np.ndarray, weight: float, state: tuple[float, int] = (0.0, 0)) -> tuple[np.ndarray, tuple[float, int]]:
+def ema(
+    values: np.ndarray, weight: float, state: tuple[float, int] = (0.0, 0)
+) -> tuple[np.ndarray, tuple[float, int]]:
     """Debiased exponential moving average (as TensorBoard's smoothing), vectorised.
 
     ``weight`` in [0, 1): 0 is no smoothing. ``state`` = (biased accumulator, count) lets a caller

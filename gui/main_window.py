@@ -56,8 +56,12 @@ def default_settings() -> QSettings:
 
 
 class MainWindow(QMainWindow):
-    def __init__(self, settings: QSettings | None = None, session_factory: SessionFactory | None = None,
-                 restore: bool = True) -> None:
+    def __init__(
+        self,
+        settings: QSettings | None = None,
+        session_factory: SessionFactory | None = None,
+        restore: bool = True,
+    ) -> None:
         super().__init__()
         self.settings = settings if settings is not None else default_settings()
         self.setWindowTitle(APP_NAME)
@@ -108,7 +112,9 @@ class MainWindow(QMainWindow):
         c.evaluate.connect(lambda: self.send(Eval()))
         self.setup.validity_changed.connect(lambda ok: c.set_config_ok(ok, self.setup.problem or ""))
         self.setup.form.apply_requested.connect(self.apply_live)
-        self.setup.message.connect(lambda level, text: self.log.add("error" if level == "error" else "info", text))
+        self.setup.message.connect(
+            lambda level, text: self.log.add("error" if level == "error" else "info", text)
+        )
         self.samples.generate.connect(lambda prompt, n: self.send(Sample(prompt=prompt, max_new_tokens=n)))
         self.bridge.events.connect(self._on_events)
         self.bridge.ended.connect(self._on_ended)
@@ -128,9 +134,11 @@ class MainWindow(QMainWindow):
         dock = QDockWidget(title, self)
         dock.setObjectName(f"dock-{title.lower()}")
         dock.setWidget(widget)
-        dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
-                         | QDockWidget.DockWidgetFeature.DockWidgetFloatable
-                         | QDockWidget.DockWidgetFeature.DockWidgetClosable)
+        dock.setFeatures(
+            QDockWidget.DockWidgetFeature.DockWidgetMovable
+            | QDockWidget.DockWidgetFeature.DockWidgetFloatable
+            | QDockWidget.DockWidgetFeature.DockWidgetClosable
+        )
         self.addDockWidget(area, dock)
         return dock
 
@@ -148,14 +156,21 @@ class MainWindow(QMainWindow):
             return a
 
         add(f, "Load settings…", self.setup.load_preset_dialog, "Ctrl+O", "Load a preset or config YAML")
-        add(f, "Save settings as…", self.setup.save_preset_dialog, "Ctrl+Shift+S", "Save the settings as YAML")
+        add(
+            f, "Save settings as…", self.setup.save_preset_dialog, "Ctrl+Shift+S", "Save the settings as YAML"
+        )
         f.addSeparator()
         add(f, "Open run…", self.open_run_dialog, "Ctrl+Shift+O", "Show a past run's curves from its folder")
         add(f, "Compare with run…", self.compare_run_dialog, None, "Overlay a second run, dashed")
         self.clear_compare_action = add(f, "Clear comparison", self.clear_compare)
         self.clear_compare_action.setEnabled(False)
-        add(f, "Resume from checkpoint…", self.resume_dialog, None,
-            "Continue a run from one of its checkpoints/step-N folders")
+        add(
+            f,
+            "Resume from checkpoint…",
+            self.resume_dialog,
+            None,
+            "Continue a run from one of its checkpoints/step-N folders",
+        )
         f.addSeparator()
         add(f, "Quit", self.close, "Ctrl+Q")
         r = mb.addMenu("&Run")
@@ -174,7 +189,9 @@ class MainWindow(QMainWindow):
     def load_config(self, path: str | Path) -> bool:
         ok = self.setup.load_preset(path)
         if not ok:
-            self.banner.show_message(f"could not load {path}", self.log.entries[-1][2] if self.log.entries else "")
+            self.banner.show_message(
+                f"could not load {path}", self.log.entries[-1][2] if self.log.entries else ""
+            )
         return ok
 
     def _restore(self) -> None:
@@ -248,8 +265,11 @@ class MainWindow(QMainWindow):
         self.close_when_ended = False
         self._remember_model(cfg.model.name_or_path)
         self.settings.setValue("last/config", cfgmod.dump(cfg))
-        self.log.add("info", f"starting: {cfg.model.name_or_path} on {cfg.data.path}"
-                             + (f", resuming from {resume_from}" if resume_from else ""))
+        self.log.add(
+            "info",
+            f"starting: {cfg.model.name_or_path} on {cfg.data.path}"
+            + (f", resuming from {resume_from}" if resume_from else ""),
+        )
         self.setWindowTitle(f"{APP_NAME} — loading…")
         return self.bridge.start(cfg, resume_from=resume_from)
 
@@ -344,7 +364,9 @@ class MainWindow(QMainWindow):
         try:
             hist = RunHistory.load(path)
         except OSError as e:
-            self.banner.show_message(f"Could not open the run: {e}", "choose a run folder (it holds metrics.jsonl)")
+            self.banner.show_message(
+                f"Could not open the run: {e}", "choose a run folder (it holds metrics.jsonl)"
+            )
             return None
         self.history = hist
         self.plots.set_history(hist)
@@ -356,8 +378,11 @@ class MainWindow(QMainWindow):
             self.status.update_step(last)
         self.status.set_state(hist.status or "unfinished")
         self.setWindowTitle(f"{APP_NAME} — {hist.label()} (past run)")
-        self.log.add("info", f"opened run {hist.label()}: {len(hist):,} steps, {len(hist.changes)} live changes, "
-                             f"status {hist.status or 'unfinished'}")
+        self.log.add(
+            "info",
+            f"opened run {hist.label()}: {len(hist):,} steps, {len(hist.changes)} live changes, "
+            f"status {hist.status or 'unfinished'}",
+        )
         if hist.config:
             try:
                 self.set_config(cfgmod.from_dict(hist.config))
@@ -370,7 +395,9 @@ class MainWindow(QMainWindow):
         try:
             hist = RunHistory.load(path)
         except OSError as e:
-            self.banner.show_message(f"Could not open the run: {e}", "choose a run folder (it holds metrics.jsonl)")
+            self.banner.show_message(
+                f"Could not open the run: {e}", "choose a run folder (it holds metrics.jsonl)"
+            )
             return None
         self.plots.set_overlay(hist)
         self.clear_compare_action.setEnabled(True)
@@ -394,8 +421,9 @@ class MainWindow(QMainWindow):
     def resume_dialog(self) -> None:
         if self.bridge.active:
             return
-        path = QFileDialog.getExistingDirectory(self, "Checkpoint to resume from (checkpoints/step-N)",
-                                                self._runs_dir())
+        path = QFileDialog.getExistingDirectory(
+            self, "Checkpoint to resume from (checkpoints/step-N)", self._runs_dir()
+        )
         if path:
             self.start_run(resume_from=path)
 
@@ -407,9 +435,11 @@ class MainWindow(QMainWindow):
         box.setIcon(QMessageBox.Icon.Question)
         box.setWindowTitle("A run is going")
         box.setText("A run is still going. What should happen to it?")
-        box.setInformativeText("Stop and save finishes the current step and saves the adapter; Cancel ends "
-                               "without the final save (checkpoints and metrics already written stay). "
-                               "The window closes once the run has ended.")
+        box.setInformativeText(
+            "Stop and save finishes the current step and saves the adapter; Cancel ends "
+            "without the final save (checkpoints and metrics already written stay). "
+            "The window closes once the run has ended."
+        )
         stop = box.addButton("Stop and save", QMessageBox.ButtonRole.AcceptRole)
         cancel = box.addButton("Cancel run", QMessageBox.ButtonRole.DestructiveRole)
         stay = box.addButton("Stay", QMessageBox.ButtonRole.RejectRole)
@@ -436,11 +466,14 @@ class MainWindow(QMainWindow):
             self.close_when_ended = True
             if choice == "stop":
                 self.stop_run()
-                self.banner.show_message("Stopping and saving…", "the window closes when the adapter is saved",
-                                         level="warning")
+                self.banner.show_message(
+                    "Stopping and saving…", "the window closes when the adapter is saved", level="warning"
+                )
             else:
                 self.cancel_run()
-                self.banner.show_message("Cancelling…", "the window closes when the run has ended", level="warning")
+                self.banner.show_message(
+                    "Cancelling…", "the window closes when the run has ended", level="warning"
+                )
             event.ignore()
             return
         self.save_settings()

@@ -141,8 +141,16 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
     preset = str(builtin.RESOURCES / "presets" / "demo.yaml")
     base = cfgmod.load(preset) if os.path.exists(preset) else cfgmod.Config()
     tmp = tempfile.mkdtemp(prefix="tunedeck-perf-")
-    cfg = cfgmod.apply_overrides(base, [f"train.max_steps={steps}", "train.eval_steps=0",
-                                        "train.save_steps=0", f"train.output_dir={tmp}", *overrides])
+    cfg = cfgmod.apply_overrides(
+        base,
+        [
+            f"train.max_steps={steps}",
+            "train.eval_steps=0",
+            "train.save_steps=0",
+            f"train.output_dir={tmp}",
+            *overrides,
+        ],
+    )
     cfg_file = os.path.join(tmp, "config.yaml")
     cfgmod.save(cfg, cfg_file)
     out: dict[str, float] = {"steps": steps}
@@ -150,8 +158,11 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
     for r in range(repeats):
         # headless: the CLI, as a user runs it
         hd = os.path.join(tmp, f"cli-{r}")
-        subprocess.run([sys.executable, "-m", "tunedeck.engine.cli", cfg_file, "--quiet", "--output-dir", hd],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "tunedeck.engine.cli", cfg_file, "--quiet", "--output-dir", hd],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         headless.append(_rate(_metrics(glob.glob(os.path.join(hd, "*"))[0])))
         # the window, plotting live (started with its Start button)
         settings = QSettings(os.path.join(tmp, "settings.ini"), QSettings.Format.IniFormat)
@@ -182,7 +193,9 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tunedeck.gui.perf_check", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m tunedeck.gui.perf_check", description=__doc__.split("\n\n")[0]
+    )
     sub = ap.add_subparsers(dest="what", required=True)
     p = sub.add_parser("plots")
     p.add_argument("--points", type=int, default=1_000_000)
@@ -191,13 +204,21 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("steps")
     q.add_argument("--steps", type=int, default=200)
     q.add_argument("--set", action="append", default=[], dest="overrides")
-    q.add_argument("--repeats", type=int, default=1, help="alternate headless and window runs this many times")
+    q.add_argument(
+        "--repeats", type=int, default=1, help="alternate headless and window runs this many times"
+    )
     args = ap.parse_args(argv)
-    res = bench_plots(args.points, args.rounds, args.grab) if args.what == "plots" else bench_steps(args.steps, args.overrides, args.repeats)
+    res = (
+        bench_plots(args.points, args.rounds, args.grab)
+        if args.what == "plots"
+        else bench_steps(args.steps, args.overrides, args.repeats)
+    )
     from PySide6.QtGui import QGuiApplication
 
-    print(f"Qt platform: {QGuiApplication.platformName()}, python {sys.version.split()[0]}, "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"Qt platform: {QGuiApplication.platformName()}, python {sys.version.split()[0]}, "
+        f"{os.cpu_count()} CPUs"
+    )
     for k, v in res.items():
         print(f"  {k:34s} {v:,.2f}" if isinstance(v, float) else f"  {k:34s} {v}")
     return 0

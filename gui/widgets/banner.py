@@ -31,7 +31,9 @@ class Banner(QFrame):
     def show_message(self, message: str, advice: str = "", level: str = "error") -> None:
         self.level, self.message = level, message
         bg = ERROR_BG if level == "error" else WARN_BG
-        self.setStyleSheet(f"Banner {{ background: {bg}; border-radius: 4px; }} QLabel {{ color: {ERROR_FG}; }}")
+        self.setStyleSheet(
+            f"Banner {{ background: {bg}; border-radius: 4px; }} QLabel {{ color: {ERROR_FG}; }}"
+        )
         text = f"<b>{html.escape(message)}</b>"
         if advice:
             text += f"<br>{html.escape(advice)}"

@@ -46,19 +46,33 @@ class RunControls(QToolBar):
             self.addAction(a)
             return a
 
-        self.start_action = act("Start", P.SP_MediaPlay, "Start training with these settings", "F5", self.start.emit)
-        self.pause_action = act("Pause", P.SP_MediaPause, "Pause after the current optimizer step", "F6",
-                                self._pause_clicked)
-        self.stop_action = act("Stop && Save", P.SP_MediaStop,
-                               "Finish the current step, save the adapter to final/ and end", "F8", self.stop.emit)
-        self.cancel_action = act("Cancel", P.SP_DialogCancelButton,
-                                 "End now without a final save (checkpoints already written stay)", "Shift+F8",
-                                 self.cancel.emit)
+        self.start_action = act(
+            "Start", P.SP_MediaPlay, "Start training with these settings", "F5", self.start.emit
+        )
+        self.pause_action = act(
+            "Pause", P.SP_MediaPause, "Pause after the current optimizer step", "F6", self._pause_clicked
+        )
+        self.stop_action = act(
+            "Stop && Save",
+            P.SP_MediaStop,
+            "Finish the current step, save the adapter to final/ and end",
+            "F8",
+            self.stop.emit,
+        )
+        self.cancel_action = act(
+            "Cancel",
+            P.SP_DialogCancelButton,
+            "End now without a final save (checkpoints already written stay)",
+            "Shift+F8",
+            self.cancel.emit,
+        )
         self.addSeparator()
-        self.save_action = act("Save checkpoint", P.SP_DialogSaveButton, "Write a checkpoint now", "Ctrl+S",
-                               self.save.emit)
-        self.eval_action = act("Evaluate", P.SP_FileDialogContentsView, "Compute the eval loss now", "Ctrl+E",
-                               self.evaluate.emit)
+        self.save_action = act(
+            "Save checkpoint", P.SP_DialogSaveButton, "Write a checkpoint now", "Ctrl+S", self.save.emit
+        )
+        self.eval_action = act(
+            "Evaluate", P.SP_FileDialogContentsView, "Compute the eval loss now", "Ctrl+E", self.evaluate.emit
+        )
         self.state = "idle"
         self.config_ok = True
         self.config_problem = ""
@@ -78,14 +92,21 @@ class RunControls(QToolBar):
         live = s in ("running", "paused")
         self.start_action.setEnabled(s == "idle" and self.config_ok)
         self.start_action.setToolTip(
-            "Start training with these settings (F5)" if self.config_ok or s != "idle"
-            else f"Fix the settings first: {self.config_problem}")
+            "Start training with these settings (F5)"
+            if self.config_ok or s != "idle"
+            else f"Fix the settings first: {self.config_problem}"
+        )
         self.pause_action.setEnabled(live)
         paused = s == "paused"
         self.pause_action.setText("Resume" if paused else "Pause")
-        self.pause_action.setIcon(self.style().standardIcon(
-            QStyle.StandardPixmap.SP_MediaPlay if paused else QStyle.StandardPixmap.SP_MediaPause))
-        self.pause_action.setToolTip("Carry on training (F6)" if paused else "Pause after the current optimizer step (F6)")
+        self.pause_action.setIcon(
+            self.style().standardIcon(
+                QStyle.StandardPixmap.SP_MediaPlay if paused else QStyle.StandardPixmap.SP_MediaPause
+            )
+        )
+        self.pause_action.setToolTip(
+            "Carry on training (F6)" if paused else "Pause after the current optimizer step (F6)"
+        )
         self.stop_action.setEnabled(s in ("loading", "running", "paused"))
         self.cancel_action.setEnabled(s in ("loading", "running", "paused", "stopping"))
         self.save_action.setEnabled(live)
@@ -111,8 +132,14 @@ class RunStatus(QWidget):
         self.elapsed_label = QLabel()
         self.eta_label = QLabel()
         self.tps_label = QLabel()
-        for w in (self.state_label, self.step_label, self.progress, self.elapsed_label, self.eta_label,
-                  self.tps_label):
+        for w in (
+            self.state_label,
+            self.step_label,
+            self.progress,
+            self.elapsed_label,
+            self.eta_label,
+            self.tps_label,
+        ):
             lay.addWidget(w)
         lay.addStretch(1)
         self.state_label.setToolTip("What the run is doing")
@@ -142,8 +169,10 @@ class RunStatus(QWidget):
     def set_state(self, state: str) -> None:
         self.state = state
         color = STATE_COLORS.get(state, "#6b7280")
-        self.state_label.setText(f"<span style='background:{color}; color:white; padding:1px 8px; "
-                                 f"border-radius:3px'>&nbsp;{state}&nbsp;</span>")
+        self.state_label.setText(
+            f"<span style='background:{color}; color:white; padding:1px 8px; "
+            f"border-radius:3px'>&nbsp;{state}&nbsp;</span>"
+        )
 
     def update_step(self, ev: StepEvent) -> None:
         self.step = ev.step

@@ -35,6 +35,8 @@ from tunedeck.engine.errors import ConfigError, TunedeckError
 
 PREVIEW_ROWS = 5
 CELL_CHARS = 160
+
+
 def cell_text(value: Any) -> str:
     """A compact one-cell rendering of a column value (chat messages as 'role: text' lines)."""
     if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
@@ -65,11 +67,14 @@ class DataPicker(QWidget):
         self.path_edit.setToolTip(
             f"<b>data.path</b><br>{cfgmod.field_help('data', 'path')}<br>"
             "<i>Columns decide the format: prompt/completion, instruction/input/output (alpaca), messages "
-            "(chat), or text.</i>")
+            "(chat), or text.</i>"
+        )
         self.browse = QPushButton("File…")
         self.browse.setToolTip("Choose a .jsonl, .json, .csv or .parquet file.")
         self.demo = QPushButton("Demo")
-        self.demo.setToolTip("The builtin demo dataset, which the builtin tiny model learns in a minute on a CPU.")
+        self.demo.setToolTip(
+            "The builtin demo dataset, which the builtin tiny model learns in a minute on a CPU."
+        )
         row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.path_edit, 1)
@@ -134,8 +139,11 @@ class DataPicker(QWidget):
 
     def choose_file(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
-            self, "Choose a dataset", self.start_dir,
-            "Datasets (*.jsonl *.json *.csv *.parquet);;All files (*)")
+            self,
+            "Choose a dataset",
+            self.start_dir,
+            "Datasets (*.jsonl *.json *.csv *.parquet);;All files (*)",
+        )
         if path:
             self.start_dir = str(Path(path).parent)
             self.set_value(path)
@@ -151,11 +159,14 @@ class DataPicker(QWidget):
         self._request += 1
         req = self._request
         if not path:
-            self._show_preview(req, ConfigError("no dataset chosen", "pick a file, a hub dataset or builtin:demo"))
+            self._show_preview(
+                req, ConfigError("no dataset chosen", "pick a file, a hub dataset or builtin:demo")
+            )
             return
         self.info.setText("<span style='color:#8a9099'>reading…</span>")
-        threading.Thread(target=_preview_worker, args=(req, path, self._answers), name="tunedeck-preview",
-                         daemon=True).start()
+        threading.Thread(
+            target=_preview_worker, args=(req, path, self._answers), name="tunedeck-preview", daemon=True
+        ).start()
         self._collect.start()
 
     def _collect_answers(self) -> None:
@@ -174,7 +185,11 @@ class DataPicker(QWidget):
         self._answered = req
         self.table.clear()
         if isinstance(result, BaseException):
-            msg = result.one_line() if isinstance(result, TunedeckError) else f"{type(result).__name__}: {result}"
+            msg = (
+                result.one_line()
+                if isinstance(result, TunedeckError)
+                else f"{type(result).__name__}: {result}"
+            )
             self.detected, self.total, self.error = "", 0, msg
             self.info.setText(f"<span style='color:#ff8a8f'>{msg}</span>")
             self.table.setRowCount(0)

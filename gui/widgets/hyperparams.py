@@ -41,10 +41,27 @@ QUANT = "quantization"  # one list for model.load_in_4bit / model.load_in_8bit
 QUANT_CHOICES = {"none": (False, False), "4-bit (QLoRA, NF4)": (True, False), "8-bit": (False, True)}
 
 GROUPS: list[tuple[str, list[str]]] = [
-    ("Optimizer", ["train.learning_rate", "train.lr_scheduler_type", "train.warmup_ratio", "train.optim",
-                   "train.weight_decay", "train.max_grad_norm"]),
-    ("Batch and length", ["train.per_device_train_batch_size", "train.gradient_accumulation_steps",
-                          "train.num_train_epochs", "train.max_steps", "data.max_length"]),
+    (
+        "Optimizer",
+        [
+            "train.learning_rate",
+            "train.lr_scheduler_type",
+            "train.warmup_ratio",
+            "train.optim",
+            "train.weight_decay",
+            "train.max_grad_norm",
+        ],
+    ),
+    (
+        "Batch and length",
+        [
+            "train.per_device_train_batch_size",
+            "train.gradient_accumulation_steps",
+            "train.num_train_epochs",
+            "train.max_steps",
+            "data.max_length",
+        ],
+    ),
     ("LoRA", ["lora.enabled", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules"]),
     ("Model and memory", ["model.dtype", QUANT, "model.gradient_checkpointing"]),
     ("Data", ["data.format", "data.completion_only_loss", "data.packing", "data.eval_fraction"]),
@@ -213,7 +230,9 @@ class FieldEditor(QObject):
         self.error_label.setText(err or "")
         self.error_label.setVisible(bool(err))
         self._set_prop("invalid", bool(err))
-        self.widget.setToolTip(self.tip if not err else f"{self.tip}<p style='color:#ff8a8f'>{html.escape(err)}</p>")
+        self.widget.setToolTip(
+            self.tip if not err else f"{self.tip}<p style='color:#ff8a8f'>{html.escape(err)}</p>"
+        )
 
     def _edited(self, *_args) -> None:
         self.check()
@@ -259,13 +278,16 @@ class HyperparamForm(QWidget):
         self.apply_bar = QWidget()
         ab = QHBoxLayout(self.apply_bar)
         ab.setContentsMargins(0, 0, 0, 0)
-        self.apply_hint = QLabel("The run is going: the fields still enabled below change it live. "
-                                 "Edit them, then Apply.")
+        self.apply_hint = QLabel(
+            "The run is going: the fields still enabled below change it live. Edit them, then Apply."
+        )
         self.apply_hint.setStyleSheet("color: #8a9099;")
         self.apply_hint.setWordWrap(True)
         self.apply_button = QPushButton("Apply")
-        self.apply_button.setToolTip("Send the changed live settings to the run; they take effect from the next "
-                                     "optimizer step and show up as a marker on the plots.")
+        self.apply_button.setToolTip(
+            "Send the changed live settings to the run; they take effect from the next "
+            "optimizer step and show up as a marker on the plots."
+        )
         self.apply_button.setEnabled(False)
         self.apply_button.clicked.connect(self._apply)
         self.revert_button = QPushButton("Revert")
@@ -283,8 +305,12 @@ class HyperparamForm(QWidget):
             lay.addWidget(self._group(title, keys))
             placed.update(keys)
         placed.update(EXTERNAL | {"model.load_in_4bit", "model.load_in_8bit"})
-        rest = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
-                if f"{s}.{f.name}" not in placed]
+        rest = [
+            f"{s}.{f.name}"
+            for s, cls in SECTIONS.items()
+            for f in dataclasses.fields(cls)
+            if f"{s}.{f.name}" not in placed
+        ]
         self.advanced_toggle = QToolButton()
         self.advanced_toggle.setText("Advanced settings")
         self.advanced_toggle.setCheckable(True)
@@ -385,7 +411,9 @@ class HyperparamForm(QWidget):
         """A change event: the run now uses these values; show them unless the user is mid-edit."""
         for name, pair in changes.items():
             key = name.split(".")[-1]
-            old, new = (pair[0], pair[1]) if isinstance(pair, (list, tuple)) and len(pair) == 2 else (None, pair)
+            old, new = (
+                (pair[0], pair[1]) if isinstance(pair, (list, tuple)) and len(pair) == 2 else (None, pair)
+            )
             if key not in LIVE_KEYS:
                 continue
             ed = self.editors.get(f"train.{key}")

@@ -22,15 +22,21 @@ from tunedeck.engine.protocol import (
 )
 from tunedeck.gui.history import Change, fmt_number
 
-LEVEL_COLORS = {"info": "#aeb4bd", "change": "#ffd166", "warning": "#f5c16c", "error": "#ff7a85",
-                "success": "#4fd1a5", "muted": "#7d838c"}
+LEVEL_COLORS = {
+    "info": "#aeb4bd",
+    "change": "#ffd166",
+    "warning": "#f5c16c",
+    "error": "#ff7a85",
+    "success": "#4fd1a5",
+    "muted": "#7d838c",
+}
 
 # Said when the engine gave no advice of its own.
 DEFAULT_ADVICE = {
     "oom": "out of memory: lower the batch size (raise gradient accumulation to keep the effective batch), "
-           "lower max length, turn on gradient checkpointing, or use 4-bit quantization",
+    "lower max length, turn on gradient checkpointing, or use 4-bit quantization",
     "nan": "the loss became NaN/inf: lower the learning rate (halve it), keep max grad norm at 1.0, "
-           "check the data for empty or broken examples, or use bfloat16 rather than float16",
+    "check the data for empty or broken examples, or use bfloat16 rather than float16",
     "data": "check data.path and the dataset's columns (see the preview)",
     "model": "check model.name_or_path: a hub id your machine can download, a local folder, or builtin:tiny",
     "config": "fix the setting named in the message",
@@ -86,8 +92,12 @@ class LogPanel(QWidget):
             params = m.get("params_trainable"), m.get("params_total")
             p = f", {params[0]:,} of {params[1]:,} parameters trainable" if all(params) else ""
             where = f" on {m.get('device')}" if m.get("device") else ""
-            self.add("info", f"run {ev.run_id} started{where}: {ev.total_steps:,} steps, "
-                             f"{d.get('train_examples', '?')} train / {d.get('eval_examples', '?')} eval examples{p}", when=t)
+            self.add(
+                "info",
+                f"run {ev.run_id} started{where}: {ev.total_steps:,} steps, "
+                f"{d.get('train_examples', '?')} train / {d.get('eval_examples', '?')} eval examples{p}",
+                when=t,
+            )
             if ev.resumed_from:
                 self.add("info", f"resumed from {ev.resumed_from} at step {ev.step}", when=t)
             if ev.fast_paths():
@@ -98,12 +108,19 @@ class LogPanel(QWidget):
         elif isinstance(ev, StateEvent):
             self.add("muted", f"state: {ev.state}", when=t)
         elif isinstance(ev, EvalEvent):
-            self.add("info", f"step {ev.step}: eval loss {fmt_number(ev.eval_loss)} "
-                             f"(perplexity {fmt_number(ev.perplexity)})", when=t)
+            self.add(
+                "info",
+                f"step {ev.step}: eval loss {fmt_number(ev.eval_loss)} "
+                f"(perplexity {fmt_number(ev.perplexity)})",
+                when=t,
+            )
         elif isinstance(ev, ChangeEvent):
             who = "you" if ev.source == "user" else "the engine"
-            self.add("change", f"after step {ev.step}, {who} changed {Change(ev.step, ev.changes, ev.source).label()}",
-                     when=t)
+            self.add(
+                "change",
+                f"after step {ev.step}, {who} changed {Change(ev.step, ev.changes, ev.source).label()}",
+                when=t,
+            )
         elif isinstance(ev, CheckpointEvent):
             self.add("info", f"step {ev.step}: checkpoint saved to {ev.path}", when=t)
         elif isinstance(ev, SampleEvent):
@@ -113,7 +130,9 @@ class LogPanel(QWidget):
         elif isinstance(ev, ErrorEvent):
             self.add("error", f"error ({ev.kind}): {ev.message}", advice_for(ev.kind, ev.advice), when=t)
         elif isinstance(ev, EndEvent):
-            level = {"completed": "success", "stopped": "success", "cancelled": "warning"}.get(ev.status, "error")
+            level = {"completed": "success", "stopped": "success", "cancelled": "warning"}.get(
+                ev.status, "error"
+            )
             out = f", adapter in {ev.output}" if ev.output else ""
             self.add(level, f"run {ev.status} at step {ev.step}{out}", when=t)
 
@@ -132,8 +151,10 @@ class LogPanel(QWidget):
     def _html(self, when: float, level: str, text: str, advice: str) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(when))
         color = LEVEL_COLORS.get(level, LEVEL_COLORS["info"])
-        out = (f"<span style='color:#6b7078'>{stamp}</span>&nbsp; "
-               f"<span style='color:{color}'>{html.escape(text)}</span>")
+        out = (
+            f"<span style='color:#6b7078'>{stamp}</span>&nbsp; "
+            f"<span style='color:{color}'>{html.escape(text)}</span>"
+        )
         if advice:
             out += f"<br><span style='color:#8fd3ff'>&nbsp;&nbsp;&nbsp;&nbsp;&nbsp;&nbsp;&nbsp;&nbsp;&nbsp;&nbsp;→ {html.escape(advice)}</span>"
         return out

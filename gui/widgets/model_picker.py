@@ -11,7 +11,12 @@ from tunedeck.engine import config as cfgmod
 from tunedeck.engine import paths
 from tunedeck.engine.builtin import TINY
 
-SUGGESTED = [TINY, "HuggingFaceTB/SmolLM2-135M-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B"]
+SUGGESTED = [
+    TINY,
+    "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "Qwen/Qwen2.5-0.5B-Instruct",
+    "meta-llama/Llama-3.2-1B",
+]
 
 
 def missing_folder(name: str) -> str | None:
@@ -54,7 +59,9 @@ class ModelPicker(QWidget):
         self.combo.setToolTip(f"<b>model.name_or_path</b><br>{cfgmod.field_help('model', 'name_or_path')}")
         self.combo.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
         self.folder = QPushButton("Folder…")
-        self.folder.setToolTip("Choose a local model folder (saved with save_pretrained: config.json + weights).")
+        self.folder.setToolTip(
+            "Choose a local model folder (saved with save_pretrained: config.json + weights)."
+        )
         row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.combo, 1)

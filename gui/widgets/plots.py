@@ -117,13 +117,25 @@ class Curve:
     It joins its plot's legend (if the plot has one) once it has data.
     """
 
-    def __init__(self, plot: pg.PlotItem, name: str, color: str, width: int = 1,
-                 dash: bool = False, symbol: str | None = None) -> None:
+    def __init__(
+        self,
+        plot: pg.PlotItem,
+        name: str,
+        color: str,
+        width: int = 1,
+        dash: bool = False,
+        symbol: str | None = None,
+    ) -> None:
         self.plot, self.name, self.color, self.dash = plot, name, color, dash
         self.has_data = False
         if symbol:
-            self.item = plot.plot(pen=None, symbol=symbol, symbolSize=7, symbolBrush=pg.mkBrush(color),
-                                  symbolPen=pg.mkPen("#1b1d21"))
+            self.item = plot.plot(
+                pen=None,
+                symbol=symbol,
+                symbolSize=7,
+                symbolBrush=pg.mkBrush(color),
+                symbolPen=pg.mkPen("#1b1d21"),
+            )
         else:
             # The envelope already reduces to ~2 points per pixel; pyqtgraph's own peak downsampling
             # and clipping stay on as a safety net and cost little on that many points.
@@ -133,8 +145,13 @@ class Curve:
         self._key: tuple | None = None
         self._in_legend = False
 
-    def set(self, x: np.ndarray, y: np.ndarray, env: Envelope | None = None,
-            window: tuple[int, int, int] | None = None) -> None:
+    def set(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        env: Envelope | None = None,
+        window: tuple[int, int, int] | None = None,
+    ) -> None:
         """Show y against x; with ``env`` and ``window`` = (i0, i1, pixels), only that part, reduced."""
         n = min(len(x), len(y))
         key = (id(x.base if x.base is not None else x), id(y.base if y.base is not None else y), n, window)
@@ -198,7 +215,8 @@ class PlotPanel(QWidget):
         self.smoothing.setFixedWidth(140)
         self.smoothing.setToolTip(
             "Weight of the exponential moving average drawn over the raw loss: 0 shows the raw values, "
-            "0.99 a very smooth trend. It changes only the drawing, not the training.")
+            "0.99 a very smooth trend. It changes only the drawing, not the training."
+        )
         self.smoothing_label = QLabel("0.60")
         self.smoothing_label.setMinimumWidth(32)
         bar.addWidget(self.smoothing)
@@ -211,7 +229,9 @@ class PlotPanel(QWidget):
         bar.addWidget(self.show_raw)
         bar.addWidget(self.log_y)
         self.reset_zoom = QPushButton("Fit")
-        self.reset_zoom.setToolTip("Zoom out to show every step and follow new ones (or double-click a plot).")
+        self.reset_zoom.setToolTip(
+            "Zoom out to show every step and follow new ones (or double-click a plot)."
+        )
         bar.addWidget(self.reset_zoom)
         self.readout = QLabel("")
         self.readout.setTextFormat(Qt.TextFormat.RichText)
@@ -283,8 +303,17 @@ class PlotPanel(QWidget):
         self.o_mem = Curve(self.mem_plot, "compare", oc, 1, dash=True)
         self.overlay_curves = [self.o_loss, self.o_eval, self.o_lr, self.o_grad, self.o_tput, self.o_mem]
         self._curves: dict[int, list[Curve]] = {}
-        for c in (self.c_lr, self.c_grad, self.c_tput, *self.c_mem.values(), *self.c_sys.values(),
-                  self.o_lr, self.o_grad, self.o_tput, self.o_mem):
+        for c in (
+            self.c_lr,
+            self.c_grad,
+            self.c_tput,
+            *self.c_mem.values(),
+            *self.c_sys.values(),
+            self.o_lr,
+            self.o_grad,
+            self.o_tput,
+            self.o_mem,
+        ):
             self._curves.setdefault(id(c.plot), []).append(c)
         for c in self.overlay_curves:
             c.set_visible(False)
@@ -302,7 +331,9 @@ class PlotPanel(QWidget):
         for p in self.plots:
             p.vb.sigRangeChangedManually.connect(self._manual_range)
         self.glw.scene().sigMouseClicked.connect(self._clicked)
-        self._mouse_proxy = pg.SignalProxy(self.glw.scene().sigMouseMoved, rateLimit=30, slot=self._mouse_moved)
+        self._mouse_proxy = pg.SignalProxy(
+            self.glw.scene().sigMouseMoved, rateLimit=30, slot=self._mouse_moved
+        )
 
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
@@ -341,8 +372,16 @@ class PlotPanel(QWidget):
             for line, p in zip(lines, self.plots, strict=False):
                 p.removeItem(line)
         self._markers.clear()
-        for c in (self.c_loss_raw, self.c_loss, self.c_eval, self.c_lr, self.c_grad, self.c_tput,
-                  *self.c_mem.values(), *self.c_sys.values()):
+        for c in (
+            self.c_loss_raw,
+            self.c_loss,
+            self.c_eval,
+            self.c_lr,
+            self.c_grad,
+            self.c_tput,
+            *self.c_mem.values(),
+            *self.c_sys.values(),
+        ):
             c.clear()
         self._envelopes.clear()
         self._drawn = (-1, -1)
@@ -491,7 +530,8 @@ class PlotPanel(QWidget):
                 continue
             self._title_keys[id(p)] = key
             names = "&nbsp;&nbsp;".join(
-                f"<span style='color:{c.color}'>{'┄' if c.dash else '━'} {c.name}</span>" for c in shown)
+                f"<span style='color:{c.color}'>{'┄' if c.dash else '━'} {c.name}</span>" for c in shown
+            )
             sep = "&nbsp;&nbsp;&nbsp;" if names else ""
             p.setTitle(f"<span style='color:{MUTED}'>{title}</span>{sep}{names}", size="9pt")
 
@@ -527,10 +567,17 @@ class PlotPanel(QWidget):
             lines = []
             for p in self.plots:
                 line = pg.InfiniteLine(
-                    pos=ch.step, angle=90, movable=False, pen=_pen(COLORS["marker"], 1, dash=True),
+                    pos=ch.step,
+                    angle=90,
+                    movable=False,
+                    pen=_pen(COLORS["marker"], 1, dash=True),
                     label=text,
-                    labelOpts={"position": 0.93 - 0.12 * (i % 4), "color": COLORS["marker"],
-                               "fill": pg.mkBrush(27, 29, 33, 210), "anchors": [(0, 0.5), (0, 0.5)]},
+                    labelOpts={
+                        "position": 0.93 - 0.12 * (i % 4),
+                        "color": COLORS["marker"],
+                        "fill": pg.mkBrush(27, 29, 33, 210),
+                        "anchors": [(0, 0.5), (0, 0.5)],
+                    },
                 )
                 line.setToolTip(f"step {ch.step} ({ch.source}): {text}")
                 line.setZValue(10)
@@ -589,8 +636,13 @@ class PlotPanel(QWidget):
         if len(h.eval_steps):
             j = int(np.searchsorted(h.eval_steps.view, h.steps.view[i], side="right")) - 1
             if j >= 0:
-                parts.append((f"eval@{int(h.eval_steps.view[j])}", fmt_number(float(h.eval_loss.view[j])),
-                              COLORS["eval"]))
+                parts.append(
+                    (
+                        f"eval@{int(h.eval_steps.view[j])}",
+                        fmt_number(float(h.eval_loss.view[j])),
+                        COLORS["eval"],
+                    )
+                )
         parts.append(("lr", fmt_number(float(h.series["lr"].view[i])), COLORS["lr"]))
         g = float(h.series["grad_norm"].view[i])
         if math.isfinite(g):

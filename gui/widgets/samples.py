@@ -31,8 +31,10 @@ class SamplePanel(QWidget):
         self.max_tokens.setValue(64)
         self.max_tokens.setToolTip("Most tokens to generate")
         self.button = QPushButton("Generate")
-        self.button.setToolTip("Generate with the model as it is at this step (greedy). Needs a running or "
-                               "paused run; training waits while it writes.")
+        self.button.setToolTip(
+            "Generate with the model as it is at this step (greedy). Needs a running or "
+            "paused run; training waits while it writes."
+        )
         self.status = QLabel("Start a run to sample from the model.")
         self.status.setStyleSheet("color: #8a9099;")
         self.output = QTextBrowser()
@@ -82,8 +84,13 @@ class SamplePanel(QWidget):
         self.samples.append(ev)
         self.pending = max(0, self.pending - 1)
         self.status.setText("" if not self.pending else "generating…")
-        text = (f"<span style='color:#e6e6e6; white-space:pre-wrap'>{html.escape(ev.text)}</span>" if ev.text.strip()
-                else "<span style='color:#8a9099'><i>(no text: the model ended its answer at once)</i></span>")
-        block = (f"<p><span style='color:#8a9099'>step {ev.step}</span><br>"
-                 f"<span style='color:#8fd3ff'>{html.escape(ev.prompt)}</span><br>{text}</p>")
+        text = (
+            f"<span style='color:#e6e6e6; white-space:pre-wrap'>{html.escape(ev.text)}</span>"
+            if ev.text.strip()
+            else "<span style='color:#8a9099'><i>(no text: the model ended its answer at once)</i></span>"
+        )
+        block = (
+            f"<p><span style='color:#8a9099'>step {ev.step}</span><br>"
+            f"<span style='color:#8fd3ff'>{html.escape(ev.prompt)}</span><br>{text}</p>"
+        )
         self.output.append(block)

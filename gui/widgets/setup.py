@@ -69,7 +69,8 @@ class SetupPanel(QWidget):
         self.problem_label = QLabel()
         self.problem_label.setWordWrap(True)
         self.problem_label.setStyleSheet(
-            "color: #ffd7da; background: #5c1f24; border-radius: 3px; padding: 4px 6px;")
+            "color: #ffd7da; background: #5c1f24; border-radius: 3px; padding: 4px 6px;"
+        )
         self.problem_label.setVisible(False)
 
         model_box = QGroupBox("Model")
@@ -175,12 +176,16 @@ class SetupPanel(QWidget):
         return True
 
     def load_preset_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load settings", self.preset_dir, "YAML (*.yaml *.yml);;All (*)")
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Load settings", self.preset_dir, "YAML (*.yaml *.yml);;All (*)"
+        )
         if path:
             self.load_preset(path)
 
     def save_preset_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save settings as", self.preset_dir, "YAML (*.yaml *.yml)")
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save settings as", self.preset_dir, "YAML (*.yaml *.yml)"
+        )
         if path:
             self.save_preset(path)
 

@@ -14,15 +14,23 @@ from tunedeck.engine.trainer import Trainer
 def make_cfg(tmp_path: Path, **overrides: Any) -> config_mod.Config:
     """The demo preset, made small and deterministic: override with dotted keys, e.g. train__max_steps=5."""
     cfg = config_mod.load(Path(__file__).resolve().parents[2] / "resources" / "presets" / "demo.yaml")
-    sets = {"train.output_dir": str(tmp_path / "runs"), "train.max_steps": 6, "train.eval_steps": 0,
-            "train.save_steps": 0, "train.per_device_train_batch_size": 4, "train.warmup_ratio": 0.0,
-            "lora.dropout": 0.0, "train.lr_scheduler_type": "linear"}
+    sets = {
+        "train.output_dir": str(tmp_path / "runs"),
+        "train.max_steps": 6,
+        "train.eval_steps": 0,
+        "train.save_steps": 0,
+        "train.per_device_train_batch_size": 4,
+        "train.warmup_ratio": 0.0,
+        "lora.dropout": 0.0,
+        "train.lr_scheduler_type": "linear",
+    }
     sets.update({k.replace("__", "."): v for k, v in overrides.items()})
     return config_mod.apply_overrides(cfg, [f"{k}={v}" for k, v in sets.items()])
 
 
-def run(cfg: config_mod.Config | None, at: dict[int, list[Command]] | None = None,
-        resume_from: Path | None = None) -> tuple[list[Event], Trainer]:
+def run(
+    cfg: config_mod.Config | None, at: dict[int, list[Command]] | None = None, resume_from: Path | None = None
+) -> tuple[list[Event], Trainer]:
     """Run to the end; ``at[n]`` commands are queued when step n is reported, so they apply before step n+1."""
     at = at or {}
     events: list[Event] = []

@@ -28,9 +28,12 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "tunedeck-train: error: train.learning_rate=-1.0 is out of range "
-        "(train.learning_rate must be > 0 and < 1 (typical LoRA: 1e-4 to 3e-4))"]
+        "(train.learning_rate must be > 0 and < 1 (typical LoRA: 1e-4 to 3e-4))"
+    ]
     missing = run_cli(str(tmp_path / "none.yaml"))
-    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    assert (
+        missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    )
     cuda = run_cli("--set", "train.optim=adamw_8bit")
     assert cuda.returncode == 2 and "needs a CUDA GPU" in cuda.stderr
 
@@ -38,16 +41,34 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
 def test_missing_dataset_exits_1_without_traceback(tmp_path):
     out = run_cli("--output-dir", str(tmp_path), "--set", f"data.path={tmp_path}/gone.jsonl")
     assert out.returncode == 1
-    assert "error: " in out.stdout and "gone.jsonl" in out.stdout and "Traceback" not in out.stdout + out.stderr
+    assert (
+        "error: " in out.stdout and "gone.jsonl" in out.stdout and "Traceback" not in out.stdout + out.stderr
+    )
     assert not any(tmp_path.iterdir())
 
 
 def test_control_file_changes_the_learning_rate_live(tmp_path):
     control = tmp_path / "control.jsonl"
-    proc = subprocess.Popen([*CLI, "--output-dir", str(tmp_path), "--set", "train.max_steps=300",
-                             "--set", "train.run_name=r", "--set", "train.lr_scheduler_type=constant",
-                             "--set", "train.warmup_ratio=0", "--control", str(control)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            "--output-dir",
+            str(tmp_path),
+            "--set",
+            "train.max_steps=300",
+            "--set",
+            "train.run_name=r",
+            "--set",
+            "train.lr_scheduler_type=constant",
+            "--set",
+            "train.warmup_ratio=0",
+            "--control",
+            str(control),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines = []
     try:
         for line in proc.stdout:
@@ -78,11 +99,27 @@ def test_control_file_changes_the_learning_rate_live(tmp_path):
 
 
 def test_resume_from_the_cli(tmp_path):
-    first = run_cli("--output-dir", str(tmp_path), "--set", "train.max_steps=6", "--set", "train.save_steps=3",
-                    "--set", "train.run_name=r")
+    first = run_cli(
+        "--output-dir",
+        str(tmp_path),
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "train.save_steps=3",
+        "--set",
+        "train.run_name=r",
+    )
     assert first.returncode == 0, first.stderr
     again = run_cli("--resume", str(tmp_path / "r" / "checkpoints" / "step-000003"))
     assert again.returncode == 0, again.stderr
-    a = {int(x.split()[1].split("/")[0]): x.split()[3] for x in first.stdout.splitlines() if x.startswith("step ")}
-    b = {int(x.split()[1].split("/")[0]): x.split()[3] for x in again.stdout.splitlines() if x.startswith("step ")}
+    a = {
+        int(x.split()[1].split("/")[0]): x.split()[3]
+        for x in first.stdout.splitlines()
+        if x.startswith("step ")
+    }
+    b = {
+        int(x.split()[1].split("/")[0]): x.split()[3]
+        for x in again.stdout.splitlines()
+        if x.startswith("step ")
+    }
     assert sorted(b) == [4, 5, 6] and all(a[s] == b[s] for s in b)

@@ -452,7 +452,9 @@ def test_tokenized_rows_are_detected_and_kept_as_given(tmp_path, tok):
         {"input_ids": [9, 10, 11], "labels": [9, 10, 11]},
         {"input_ids": list(range(3, 11)), "labels": list(range(3, 11))},
     ]
-    forced = load_examples(DataConfig(path=str(p), format="tokenized", max_length=8, eval_fraction=0.0), tok, seed=0)
+    forced = load_examples(
+        DataConfig(path=str(p), format="tokenized", max_length=8, eval_fraction=0.0), tok, seed=0
+    )
     assert forced.train == s.train
 
 
@@ -463,14 +465,17 @@ def test_tokenized_rows_from_csv_cells(tmp_path, tok):
     assert s.train == [{"input_ids": [5, 6, 7], "labels": [X, 6, 7]}]
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"input_ids": [1, 2], "labels": [1]}, r"row 1: 'labels' has 1 entries for 2 input_ids"),
-    ({"input_ids": ["a", "b"]}, r"row 1: 'input_ids' is not a list of whole numbers"),
-    ({"input_ids": [1, True]}, r"row 1: 'input_ids' is not a list of whole numbers"),
-    ({"input_ids": [1, -2]}, r"row 1: 'input_ids' holds a negative id"),
-    ({"input_ids": []}, r"row 1: 'input_ids' is empty"),
-    ({"input_ids": [1, 2], "labels": [1, -5]}, r"row 1: 'labels' holds a negative id other than -100"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"input_ids": [1, 2], "labels": [1]}, r"row 1: 'labels' has 1 entries for 2 input_ids"),
+        ({"input_ids": ["a", "b"]}, r"row 1: 'input_ids' is not a list of whole numbers"),
+        ({"input_ids": [1, True]}, r"row 1: 'input_ids' is not a list of whole numbers"),
+        ({"input_ids": [1, -2]}, r"row 1: 'input_ids' holds a negative id"),
+        ({"input_ids": []}, r"row 1: 'input_ids' is empty"),
+        ({"input_ids": [1, 2], "labels": [1, -5]}, r"row 1: 'labels' holds a negative id other than -100"),
+    ],
+)
 def test_tokenized_rows_refuse_bad_values(tok, row, message):
     with pytest.raises(DataError, match=message):
         tokenize_rows([row], "tokenized", tok, 16, True)
@@ -483,8 +488,9 @@ def test_tokenized_is_a_config_choice():
 
 
 def test_tokenized_rows_pack_like_any_other(tok):
-    examples, _ = tokenize_rows([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [X, 9]}],
-                                "tokenized", tok, 16, True)
+    examples, _ = tokenize_rows(
+        [{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [X, 9]}], "tokenized", tok, 16, True
+    )
     b = collate(examples, pad_token_id=2, packing=True)
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert b["labels"].tolist() == [[X, 6, 7, X, 9]]
@@ -495,12 +501,22 @@ def test_tokenized_rows_pack_like_any_other(tok):
 # ---------------------------------------------------------------- sampling prompts
 
 
-@pytest.mark.parametrize("fmt, row", [
-    ("messages", {"messages": [{"role": "user", "content": "Capital of France?"},
-                               {"role": "assistant", "content": "Paris"}]}),
-    ("alpaca", {"instruction": "Capital of France?", "output": "Paris"}),
-    ("prompt_completion", {"prompt": "Capital of France?", "completion": "Paris"}),
-])
+@pytest.mark.parametrize(
+    "fmt, row",
+    [
+        (
+            "messages",
+            {
+                "messages": [
+                    {"role": "user", "content": "Capital of France?"},
+                    {"role": "assistant", "content": "Paris"},
+                ]
+            },
+        ),
+        ("alpaca", {"instruction": "Capital of France?", "output": "Paris"}),
+        ("prompt_completion", {"prompt": "Capital of France?", "completion": "Paris"}),
+    ],
+)
 def test_a_sampling_prompt_is_laid_out_as_the_training_examples(fmt, row):
     tok = builtin.build_tokenizer()
     (example,), _ = tokenize_rows([row], fmt, tok, 256, completion_only_loss=True)

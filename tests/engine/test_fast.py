@@ -20,12 +20,15 @@ from tests.engine.helpers import make_cfg, of, run, steps
 # ---------------------------------------------------------------- cumulative lengths
 
 
-@pytest.mark.parametrize("pos, cu, longest", [
-    ([[0, 1, 2, 0, 1, 0, 1, 2, 3]], [0, 3, 5, 9], 4),
-    ([[0, 1, 2, 3], [0, 1, 0, 1]], [0, 4, 6, 8], 4),   # rows read end to end
-    ([[5, 6, 0, 1]], [0, 2, 4], 2),                     # a row always starts a sequence
-    ([[0, 1, 2, 3, 4]], [0, 5], 5),
-])
+@pytest.mark.parametrize(
+    "pos, cu, longest",
+    [
+        ([[0, 1, 2, 0, 1, 0, 1, 2, 3]], [0, 3, 5, 9], 4),
+        ([[0, 1, 2, 3], [0, 1, 0, 1]], [0, 4, 6, 8], 4),  # rows read end to end
+        ([[5, 6, 0, 1]], [0, 2, 4], 2),  # a row always starts a sequence
+        ([[0, 1, 2, 3, 4]], [0, 5], 5),
+    ],
+)
 def test_cu_seqlens_from_position_ids(pos, cu, longest):
     got, m = fast.cu_seqlens(torch.tensor(pos))
     assert got.dtype == torch.int32
@@ -57,8 +60,11 @@ def _padded_reference(q, k, v, lengths, scale=None):
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     outs, s = [], 0
     for n in lengths:
-        outs.append(torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, s:s + n], k[:, :, s:s + n], v[:, :, s:s + n], is_causal=True, scale=scale))
+        outs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, s : s + n], k[:, :, s : s + n], v[:, :, s : s + n], is_causal=True, scale=scale
+            )
+        )
         s += n
     return torch.cat(outs, dim=2).transpose(1, 2)
 
@@ -66,8 +72,11 @@ def _padded_reference(q, k, v, lengths, scale=None):
 def _qkv(lengths, hq=4, hkv=2, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = sum(lengths)
-    return (torch.randn(1, hq, t, d, generator=g), torch.randn(1, hkv, t, d, generator=g),
-            torch.randn(1, hkv, t, d, generator=g))
+    return (
+        torch.randn(1, hq, t, d, generator=g),
+        torch.randn(1, hkv, t, d, generator=g),
+        torch.randn(1, hkv, t, d, generator=g),
+    )
 
 
 class _Attn(torch.nn.Module):
@@ -80,8 +89,9 @@ def test_per_sequence_path_equals_attention_of_each_example():
     q, k, v = _qkv(lengths)
     pos = torch.tensor([[i for n in lengths for i in range(n)]])
     want = _padded_reference(q, k, v, lengths, scale=0.3)
-    via_cu, _ = fast.varlen_attention_forward(_Attn(), q, k, v, None, scaling=0.3, position_ids=pos,
-                                              **fast.packed_kwargs(pos))
+    via_cu, _ = fast.varlen_attention_forward(
+        _Attn(), q, k, v, None, scaling=0.3, position_ids=pos, **fast.packed_kwargs(pos)
+    )
     via_pos, _ = fast.varlen_attention_forward(_Attn(), q, k, v, None, scaling=0.3, position_ids=pos)
     assert via_cu.shape == (1, sum(lengths), 4, 16)
     assert torch.allclose(via_cu, want, atol=1e-6) and torch.allclose(via_pos, want, atol=1e-6)
@@ -101,15 +111,36 @@ def test_kernel_features_follow_the_signature():
     def old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False):
         pass
 
-    def new(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
-            enable_gqa=False):
+    def new(
+        query,
+        key,
+        value,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        *,
+        scale=None,
+        window_size=(-1, -1),
+        enable_gqa=False,
+    ):
         pass
 
     def neither(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k):
         pass
 
-    assert fast.kernel_features(old) == {"window_size": False, "is_causal": True, "scale": False, "enable_gqa": False}
-    assert fast.kernel_features(new) == {"window_size": True, "is_causal": False, "scale": True, "enable_gqa": True}
+    assert fast.kernel_features(old) == {
+        "window_size": False,
+        "is_causal": True,
+        "scale": False,
+        "enable_gqa": False,
+    }
+    assert fast.kernel_features(new) == {
+        "window_size": True,
+        "is_causal": False,
+        "scale": True,
+        "enable_gqa": True,
+    }
     assert fast.kernel_features(neither) is None
 
 
@@ -126,26 +157,49 @@ def test_kernel_call_plumbing_with_a_stand_in_kernel(monkeypatch, style):
         assert causal
         if not kw.get("enable_gqa"):
             assert k.shape[1] == q.shape[1]
-        ref = _padded_reference(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                torch.diff(cu_q).tolist(), scale=kw.get("scale"))
+        ref = _padded_reference(
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            torch.diff(cu_q).tolist(),
+            scale=kw.get("scale"),
+        )
         return ref[0]
 
     if style == "is_causal":
+
         def sig(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False):
             pass
     else:
-        def sig(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
-                enable_gqa=False):
+
+        def sig(
+            query,
+            key,
+            value,
+            cu_seq_q,
+            cu_seq_k,
+            max_q,
+            max_k,
+            *,
+            scale=None,
+            window_size=(-1, -1),
+            enable_gqa=False,
+        ):
             pass
+
     monkeypatch.setattr(fast, "varlen_kernel", lambda: (kernel, fast.kernel_features(sig)))
     monkeypatch.setattr(fast, "_kernel_ok", lambda *a: True)
     lengths = [4, 9, 2]
     q, k, v = _qkv(lengths)
     pos = torch.tensor([[i for n in lengths for i in range(n)]])
-    out, _ = fast.varlen_attention_forward(_Attn(), q, k, v, None, scaling=16**-0.5, **fast.packed_kwargs(pos))
+    out, _ = fast.varlen_attention_forward(
+        _Attn(), q, k, v, None, scaling=16**-0.5, **fast.packed_kwargs(pos)
+    )
     assert torch.allclose(out, _padded_reference(q, k, v, lengths), atol=1e-6)
-    want = {"is_causal": {"is_causal": True}, "window_size": {"window_size": (-1, 0), "scale": 0.25,
-                                                              "enable_gqa": True}}[style]
+    want = {
+        "is_causal": {"is_causal": True},
+        "window_size": {"window_size": (-1, 0), "scale": 0.25, "enable_gqa": True},
+    }[style]
     assert calls == [want]
 
 
@@ -164,8 +218,10 @@ def test_autocast_lets_lora_skip_its_fp32_input_cast_only_inside(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(builtin.tiny_model_dir()),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(builtin.tiny_model_dir()),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
     layers = fast._peft_layers(model)
     assert len(layers) == 8
     with fast.autocast(torch.device("cpu"), torch.float32, model):
@@ -185,13 +241,15 @@ def tiny():
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(builtin.tiny_model_dir(), dtype=torch.float32,
-                                                attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        builtin.tiny_model_dir(), dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
 
 
 def _per_example_losses(logits, labels, cu):
-    ce = torch.nn.functional.cross_entropy(logits[0, :-1].float(), labels[0, 1:], reduction="none",
-                                           ignore_index=IGNORE_INDEX)
+    ce = torch.nn.functional.cross_entropy(
+        logits[0, :-1].float(), labels[0, 1:], reduction="none", ignore_index=IGNORE_INDEX
+    )
     ce = torch.cat([ce, ce.new_zeros(1)])
     counts = (labels[0, 1:] != IGNORE_INDEX).tolist() + [False]
     out = []
@@ -207,7 +265,7 @@ def test_packing_gives_the_same_per_example_loss(tiny, impl):
     examples = []
     for n in (17, 3, 40, 9):
         ids = torch.randint(3, 259, (n,), generator=g).tolist()
-        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n // 3) + ids[n // 3:]})
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n // 3) + ids[n // 3 :]})
     alone = []
     with torch.no_grad():
         for ex in examples:
@@ -292,7 +350,9 @@ def test_liger_patches_only_the_instance_and_switches_rope(monkeypatch, tiny):
         assert liger.apply(other, torch.device("cuda")) == liger.Applied(kernels=True, rope=True)
         assert seen == {"rope": True, "cross_entropy": False, "fused_linear_cross_entropy": True}
         switch = mod.apply_rotary_pos_emb
-        assert isinstance(switch, liger.RopeSwitch) and switch.plain is plain_rope and switch.fused is fused_rope
+        assert (
+            isinstance(switch, liger.RopeSwitch) and switch.plain is plain_rope and switch.fused is fused_rope
+        )
         assert (mod.LlamaRMSNorm, mod.LlamaMLP) == (before["LlamaRMSNorm"], before["LlamaMLP"])
         assert "forward" in vars(other) and "forward" not in vars(tiny)
         # Another model (here the untouched tiny one) keeps transformers' RoPE outside the switch...
@@ -341,9 +401,32 @@ def test_bench_cpu_mode_end_to_end(tmp_path, capsys):
     from bench import vs_trainer
 
     out = tmp_path / "r.json"
-    assert vs_trainer.main(["--mode", "cpu", "--job", "all", "--steps", "2", "--warmup", "2", "--repeats", "1",
-                            "--seq-len", "48", "--min-len", "8", "--monitoring",
-                            "--variant", "padded:data.packing=false", "--out", str(out)]) == 0
+    assert (
+        vs_trainer.main(
+            [
+                "--mode",
+                "cpu",
+                "--job",
+                "all",
+                "--steps",
+                "2",
+                "--warmup",
+                "2",
+                "--repeats",
+                "1",
+                "--seq-len",
+                "48",
+                "--min-len",
+                "8",
+                "--monitoring",
+                "--variant",
+                "padded:data.packing=false",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     for job in ("fixed", "variable"):
         s = result["summary"][job]
@@ -352,9 +435,15 @@ def test_bench_cpu_mode_end_to_end(tmp_path, capsys):
         assert s["speed_ratio"] > 0 and "monitoring_cost" in s
         padded = s["sides"]["engine-padded"]
         assert abs(padded["first_loss"] - s["sides"]["trainer"]["first_loss"]) < 1e-5
-        assert s["variant_speed_ratio"]["engine-padded"] == padded["tokens_per_s"] / s["sides"]["trainer"]["tokens_per_s"]
+        assert (
+            s["variant_speed_ratio"]["engine-padded"]
+            == padded["tokens_per_s"] / s["sides"]["trainer"]["tokens_per_s"]
+        )
     runs = {(r["job"], r["side"]): r for r in result["runs"]}
-    assert runs[("variable", "engine")]["info"]["attention"] != runs[("variable", "engine-padded")]["info"]["attention"]
+    assert (
+        runs[("variable", "engine")]["info"]["attention"]
+        != runs[("variable", "engine-padded")]["info"]["attention"]
+    )
     printed = capsys.readouterr().out
     assert "tokens/s engine/trainer" in printed and "tokens/s engine-padded/trainer" in printed
 
@@ -368,8 +457,10 @@ def test_torch_compile_matches_eager_and_keeps_checkpoints_plain(tmp_path):
     kw = dict(train__max_steps=4, train__save_steps=2, train__eval_steps=0)
     at = {2: [Eval(), Sample(prompt="Upper: cat\n", max_new_tokens=4)]}
     plain, p = run(make_cfg(tmp_path / "plain", **kw), at=at)
-    comp, c = run(make_cfg(tmp_path / "comp", train__torch_compile=True,
-                           train__torch_compile_backend="eager", **kw), at=at)
+    comp, c = run(
+        make_cfg(tmp_path / "comp", train__torch_compile=True, train__torch_compile_backend="eager", **kw),
+        at=at,
+    )
     assert of(comp, "start")[0].model["compiled"] == "eager"
     assert of(plain, "start")[0].model["compiled"] is None
     a, b = steps(plain), steps(comp)

@@ -26,10 +26,16 @@ def failure(events):
         ({"model__name_or_path": "/nope/model"}, "model", "model folder /nope/model does not exist"),
         ({"model__load_in_4bit": True}, "config", "model.load_in_4bit=true needs a CUDA GPU"),
         ({"train__optim": "paged_adamw_32bit"}, "config", "paged_adamw_32bit needs a CUDA GPU"),
-        ({"train__torch_compile": True, "train__torch_compile_backend": "cudagraphs"}, "config",
-         "train.torch_compile_backend=cudagraphs needs a CUDA GPU"),
-        ({"train__torch_compile": True, "train__torch_compile_mode": "reduce-overhead"}, "config",
-         "train.torch_compile_mode=reduce-overhead needs a CUDA GPU"),
+        (
+            {"train__torch_compile": True, "train__torch_compile_backend": "cudagraphs"},
+            "config",
+            "train.torch_compile_backend=cudagraphs needs a CUDA GPU",
+        ),
+        (
+            {"train__torch_compile": True, "train__torch_compile_mode": "reduce-overhead"},
+            "config",
+            "train.torch_compile_mode=reduce-overhead needs a CUDA GPU",
+        ),
         ({"data__max_length": 8, "data__path": "LONG"}, "data", "max_length"),
     ],
 )
@@ -49,8 +55,11 @@ def test_not_a_causal_lm(tmp_path):
     from transformers import BertConfig, BertModel
 
     folder = tmp_path / "bert"
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-                         vocab_size=99)).save_pretrained(folder)
+    BertModel(
+        BertConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, vocab_size=99
+        )
+    ).save_pretrained(folder)
     events, _ = run(make_cfg(tmp_path, model__name_or_path=str(folder)))
     err = failure(events)
     assert err.kind == "model" and "holds a BertModel, not a causal language model" in err.message
@@ -79,11 +88,14 @@ def test_bad_config_values_name_key_value_and_what_is_allowed(override, message)
 
 def test_a_compile_mode_needs_the_inductor_backend():
     with pytest.raises(ConfigError) as e:
-        config_mod.apply_overrides(config_mod.Config(), ["train.torch_compile_backend=aot_eager",
-                                                         "train.torch_compile_mode=max-autotune"])
+        config_mod.apply_overrides(
+            config_mod.Config(),
+            ["train.torch_compile_backend=aot_eager", "train.torch_compile_mode=max-autotune"],
+        )
     assert e.value.one_line() == (
         "train.torch_compile_mode=max-autotune is a mode of the inductor backend, not of aot_eager "
-        "(set train.torch_compile_backend=inductor, or train.torch_compile_mode=default)")
+        "(set train.torch_compile_backend=inductor, or train.torch_compile_mode=default)"
+    )
 
 
 def test_yaml_errors_name_the_line(tmp_path):
@@ -94,16 +106,29 @@ def test_yaml_errors_name_the_line(tmp_path):
 
 
 def test_yaml_round_trip_and_presets(tmp_path):
-    cfg = config_mod.apply_overrides(config_mod.Config(), ["train.learning_rate=2e-4", "lora.target_modules=all-linear"])
+    cfg = config_mod.apply_overrides(
+        config_mod.Config(), ["train.learning_rate=2e-4", "lora.target_modules=all-linear"]
+    )
     config_mod.save(cfg, tmp_path / "c.yaml")
     assert config_mod.load(tmp_path / "c.yaml") == cfg
     demo = config_mod.load(config_mod.Path(__file__).resolve().parents[2] / "resources/presets/demo.yaml")
     assert demo.model.name_or_path == "builtin:tiny"
-    q = config_mod.load(config_mod.Path(__file__).resolve().parents[2] / "resources/presets/course-qlora.yaml")
-    assert (q.model.load_in_4bit, q.lora.r, q.lora.alpha, q.lora.dropout, q.train.optim, q.train.learning_rate,
-            q.train.lr_scheduler_type, q.train.warmup_ratio, q.train.per_device_train_batch_size,
-            q.train.gradient_accumulation_steps, q.train.num_train_epochs) == (
-        True, 32, 64, 0.1, "paged_adamw_32bit", 1e-4, "cosine", 0.03, 4, 1, 1.0)
+    q = config_mod.load(
+        config_mod.Path(__file__).resolve().parents[2] / "resources/presets/course-qlora.yaml"
+    )
+    assert (
+        q.model.load_in_4bit,
+        q.lora.r,
+        q.lora.alpha,
+        q.lora.dropout,
+        q.train.optim,
+        q.train.learning_rate,
+        q.train.lr_scheduler_type,
+        q.train.warmup_ratio,
+        q.train.per_device_train_batch_size,
+        q.train.gradient_accumulation_steps,
+        q.train.num_train_epochs,
+    ) == (True, 32, 64, 0.1, "paged_adamw_32bit", 1e-4, "cosine", 0.03, 4, 1, 1.0)
     assert q.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -145,7 +170,9 @@ def test_nan_loss_pauses_without_touching_the_weights(tmp_path, monkeypatch):
     def setup(self):
         real_setup(self)
         holder["t"] = self
-        holder["before"] = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        holder["before"] = {
+            n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+        }
         self.model.register_forward_hook(poison)
 
     monkeypatch.setattr(Trainer, "setup", setup)
@@ -155,7 +182,9 @@ def test_nan_loss_pauses_without_touching_the_weights(tmp_path, monkeypatch):
         seen.append(e)
         if e.type == "state" and e.state == "paused":
             t = holder["t"]
-            holder["at_pause"] = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+            holder["at_pause"] = {
+                n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad
+            }
             t.commands.put(Cancel())
 
     import queue
@@ -193,5 +222,8 @@ def test_malformed_commands_become_error_events(tmp_path):
     s.send({"cmd": "sample", "prompt": 3})
     s.send({"learning_rate": 1e-4})
     msgs = [e.message for e in s.drain()]
-    assert msgs == ["unknown command 'jump'", "sample prompt must be text",
-                    "a command must be an object with a 'cmd' key, got {'learning_rate': 0.0001}"]
+    assert msgs == [
+        "unknown command 'jump'",
+        "sample prompt must be text",
+        "a command must be an object with a 'cmd' key, got {'learning_rate': 0.0001}",
+    ]

@@ -42,10 +42,21 @@ def llama_dir(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("llama-small")
     tok = builtin.build_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
-                      tie_word_embeddings=True, initializer_range=256**-0.5, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        initializer_range=256**-0.5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -58,7 +69,9 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("which", ["tiny", "llama"])
 def test_bf16_run_learns(tmp_path, llama_dir, which):
     name = "builtin:tiny" if which == "tiny" else str(llama_dir)
-    events, _ = run(make_cfg(tmp_path, model__name_or_path=name, train__max_steps=30, train__learning_rate=3e-3))
+    events, _ = run(
+        make_cfg(tmp_path, model__name_or_path=name, train__max_steps=30, train__learning_rate=3e-3)
+    )
     _completed(events)
     start = of(events, "start")[0]
     assert start.model["dtype"] == "bfloat16" and start.model["device"].startswith("cuda")
@@ -74,8 +87,9 @@ def test_bf16_run_learns(tmp_path, llama_dir, which):
 
 def test_qlora_nf4_run_learns(tmp_path):
     pytest.importorskip("bitsandbytes")
-    events, trainer = run(make_cfg(tmp_path, model__load_in_4bit=True, train__max_steps=25,
-                                   train__learning_rate=3e-3))
+    events, trainer = run(
+        make_cfg(tmp_path, model__load_in_4bit=True, train__max_steps=25, train__learning_rate=3e-3)
+    )
     _completed(events)
     import bitsandbytes as bnb
 
@@ -95,7 +109,9 @@ def test_bitsandbytes_optimizers_run(tmp_path, name):
 
 def test_swap_to_paged_adamw_32bit_carries_the_moments(tmp_path):
     pytest.importorskip("bitsandbytes")
-    events, trainer = run(make_cfg(tmp_path, train__max_steps=6), at={2: [Set({"optim": "paged_adamw_32bit"})]})
+    events, trainer = run(
+        make_cfg(tmp_path, train__max_steps=6), at={2: [Set({"optim": "paged_adamw_32bit"})]}
+    )
     _completed(events)
     _finite(events)
     assert not [w for w in of(events, "warning") if "starts fresh" in w.message]
@@ -191,11 +207,15 @@ def test_varlen_kernel_forward_and_backward_match_per_sequence_sdpa():
     lengths = [300, 17, 1024, 64, 1]
     t = sum(lengths)
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, h, t, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-               for h in (8, 2, 2))
+    q, k, v = (
+        torch.randn(1, h, t, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+        for h in (8, 2, 2)
+    )
     pos = torch.tensor([[i for n in lengths for i in range(n)]])
-    kwargs = {key: (val.cuda() if isinstance(val, torch.Tensor) else val)
-              for key, val in fast.packed_kwargs(pos).items()}
+    kwargs = {
+        key: (val.cuda() if isinstance(val, torch.Tensor) else val)
+        for key, val in fast.packed_kwargs(pos).items()
+    }
     out, _ = fast.varlen_attention_forward(Attn(), q, k, v, None, scaling=0.125, **kwargs)
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
     cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
@@ -219,8 +239,13 @@ def test_one_sync_per_step_without_liger(tmp_path, llama_dir):
     debug mode over steps 3..6 (packing through the varlen kernel, fused AdamW, no Liger: its fused
     cross-entropy reads a count itself)."""
     counts: dict[int, int] = {}
-    cfg = make_cfg(tmp_path, model__name_or_path=str(llama_dir), train__max_steps=6, data__packing=True,
-                   train__use_liger_kernel=False)
+    cfg = make_cfg(
+        tmp_path,
+        model__name_or_path=str(llama_dir),
+        train__max_steps=6,
+        data__packing=True,
+        train__use_liger_kernel=False,
+    )
     caught: list = []
 
     def emit_hook(e):

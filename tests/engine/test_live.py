@@ -15,7 +15,9 @@ def lrs_of(events):
 
 
 def test_learning_rate_change_scales_the_schedule_from_the_next_step(tmp_path):
-    cfg = make_cfg(tmp_path, train__max_steps=10, train__learning_rate=1e-3, train__lr_scheduler_type="linear")
+    cfg = make_cfg(
+        tmp_path, train__max_steps=10, train__learning_rate=1e-3, train__lr_scheduler_type="linear"
+    )
     base, _ = run(make_cfg(tmp_path / "base", train__max_steps=10, train__learning_rate=1e-3))
     events, _ = run(cfg, at={4: [Set({"learning_rate": 2e-3})]})
     before, after = lrs_of(base), lrs_of(events)
@@ -28,7 +30,9 @@ def test_learning_rate_change_scales_the_schedule_from_the_next_step(tmp_path):
 
 
 def test_scheduler_switch_continues_from_the_current_lr(tmp_path):
-    cfg = make_cfg(tmp_path, train__max_steps=10, train__learning_rate=1e-3, train__lr_scheduler_type="cosine")
+    cfg = make_cfg(
+        tmp_path, train__max_steps=10, train__learning_rate=1e-3, train__lr_scheduler_type="cosine"
+    )
     events, _ = run(cfg, at={5: [Set({"lr_scheduler_type": "constant"})]})
     lr = lrs_of(events)
     assert lr[5] < 1e-3
@@ -38,7 +42,9 @@ def test_scheduler_switch_continues_from_the_current_lr(tmp_path):
 
 def test_accumulation_change_recounts_steps_and_keeps_progress(tmp_path):
     # 12 steps x 1 micro-batch planned; after 4 steps, 8 micro-batches remain -> 4 steps of 2.
-    cfg = make_cfg(tmp_path, train__max_steps=12, train__learning_rate=1e-3, train__lr_scheduler_type="linear")
+    cfg = make_cfg(
+        tmp_path, train__max_steps=12, train__learning_rate=1e-3, train__lr_scheduler_type="linear"
+    )
     events, t = run(cfg, at={4: [Set({"gradient_accumulation_steps": 2})]})
     st = steps(events)
     assert sorted(st) == list(range(1, 9))
@@ -86,8 +92,9 @@ def test_swap_to_sgd_warns_that_state_starts_fresh(tmp_path):
 
 
 def test_grad_norm_clip_and_weight_decay_apply_live(tmp_path):
-    events, t = run(make_cfg(tmp_path, train__max_steps=5),
-                    at={2: [Set({"max_grad_norm": 0.01, "weight_decay": 0.05})]})
+    events, t = run(
+        make_cfg(tmp_path, train__max_steps=5), at={2: [Set({"max_grad_norm": 0.01, "weight_decay": 0.05})]}
+    )
     assert t.cfg.train.max_grad_norm == 0.01
     decays = {g["weight_decay"] for g in t.optimizer.param_groups if g["decays"]}
     assert decays == {0.05}
@@ -99,13 +106,23 @@ def test_eval_and_save_intervals_change_live(tmp_path):
     events, t = run(cfg, at={2: [Set({"eval_steps": 3, "save_steps": 4})]})
     assert [e.step for e in of(events, "eval")] == [3, 6]
     ckpts = [e.step for e in of(events, "checkpoint")]
-    assert ckpts[:1] == [4] and (t.run_dir / "checkpoints" / "step-000004" / "adapter_model.safetensors").is_file()
+    assert (
+        ckpts[:1] == [4]
+        and (t.run_dir / "checkpoints" / "step-000004" / "adapter_model.safetensors").is_file()
+    )
 
 
 def test_refused_set_changes_nothing(tmp_path):
-    events, t = run(make_cfg(tmp_path, train__max_steps=4),
-                    at={2: [Set({"learning_rate": -1, "weight_decay": 0.1}), Set({"per_device_train_batch_size": 2}),
-                            Set({"optim": "adamw_8bit"})]})
+    events, t = run(
+        make_cfg(tmp_path, train__max_steps=4),
+        at={
+            2: [
+                Set({"learning_rate": -1, "weight_decay": 0.1}),
+                Set({"per_device_train_batch_size": 2}),
+                Set({"optim": "adamw_8bit"}),
+            ]
+        },
+    )
     errors = of(events, "error")
     assert len(errors) == 3
     assert "train.learning_rate=-1.0 is out of range" in errors[0].message
@@ -128,8 +145,10 @@ def test_save_eval_sample_now(tmp_path):
 
 def test_sampling_does_not_change_the_run(tmp_path):
     plain, _ = run(make_cfg(tmp_path / "a", train__max_steps=5, lora__dropout=0.1))
-    sampled, _ = run(make_cfg(tmp_path / "b", train__max_steps=5, lora__dropout=0.1),
-                     at={2: [Sample(prompt="0+1=", max_new_tokens=4)]})
+    sampled, _ = run(
+        make_cfg(tmp_path / "b", train__max_steps=5, lora__dropout=0.1),
+        at={2: [Sample(prompt="0+1=", max_new_tokens=4)]},
+    )
     assert [e.loss for e in of(plain, "step")] == [e.loss for e in of(sampled, "step")]
 
 
@@ -150,7 +169,9 @@ def test_cancel_ends_without_saving(tmp_path):
 
 
 def test_pause_and_resume_state_errors(tmp_path):
-    events, _ = run(make_cfg(tmp_path, train__max_steps=4), at={1: [Resume()], 2: [Pause(), Pause(), Resume()]})
+    events, _ = run(
+        make_cfg(tmp_path, train__max_steps=4), at={1: [Resume()], 2: [Pause(), Pause(), Resume()]}
+    )
     states = [e.state for e in of(events, "state")]
     assert states == ["loading", "running", "paused", "running", "stopping", "finished"]
     msgs = [e.message for e in of(events, "error")]
@@ -159,8 +180,13 @@ def test_pause_and_resume_state_errors(tmp_path):
 
 def test_schedule_lr_matches_unit_model(tmp_path):
     """The trainer's LRs equal an LRSchedule driven by hand through the same changes."""
-    cfg = make_cfg(tmp_path, train__max_steps=10, train__learning_rate=1e-3, train__lr_scheduler_type="cosine",
-                   train__warmup_steps=2)
+    cfg = make_cfg(
+        tmp_path,
+        train__max_steps=10,
+        train__learning_rate=1e-3,
+        train__lr_scheduler_type="cosine",
+        train__warmup_steps=2,
+    )
     events, _ = run(cfg, at={3: [Set({"learning_rate": 5e-4})], 6: [Set({"lr_scheduler_type": "linear"})]})
     s = LRSchedule("cosine", 1e-3, 10, 2)
     expected = {}
@@ -179,8 +205,15 @@ def test_a_sample_prompt_is_laid_out_as_the_training_data(tmp_path):
 
     from tunedeck.engine import data
 
-    rows = [{"messages": [{"role": "user", "content": f"Upper: {w}"}, {"role": "assistant", "content": w.upper()}]}
-            for w in ("cat", "dog", "sun", "sky", "sea", "owl", "elk", "yak")]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Upper: {w}"},
+                {"role": "assistant", "content": w.upper()},
+            ]
+        }
+        for w in ("cat", "dog", "sun", "sky", "sea", "owl", "elk", "yak")
+    ]
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     events, t = run(make_cfg(tmp_path, train__max_steps=2, data__path=str(path), data__eval_fraction=0.0))

@@ -35,8 +35,15 @@ def test_checkpoint_is_atomic_and_complete(tmp_path):
     _, t = run(make_cfg(tmp_path, train__max_steps=4, train__save_steps=2))
     ckpt = t.run_dir / "checkpoints" / "step-000002"
     names = {p.name for p in ckpt.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "rng_state.pt",
-            "trainer_state.json", "config.yaml", "tokenizer.json"} <= names
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "optimizer.pt",
+        "rng_state.pt",
+        "trainer_state.json",
+        "config.yaml",
+        "tokenizer.json",
+    } <= names
     assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(".tmp")]
     cfg, state = checkpoint.read_state(ckpt)
     assert state["step"] == 2 and state["micro"] == 2 and cfg.train.max_steps == 4
@@ -51,7 +58,9 @@ def test_failed_write_leaves_no_half_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", boom)
     target = t.run_dir / "checkpoints" / "step-000002"
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.write(target, model=t.model, tokenizer=t.tokenizer, cfg=t.cfg, state={}, optimizer=t.optimizer)
+        checkpoint.write(
+            target, model=t.model, tokenizer=t.tokenizer, cfg=t.cfg, state={}, optimizer=t.optimizer
+        )
     assert not target.exists()
     assert not list(target.parent.glob(".tmp-*"))
 

@@ -17,8 +17,13 @@ KWARGS = {
 def hf_lrs(kind: str, base: float, total: int, warmup: int) -> list[float]:
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=base)
-    sched = get_scheduler(kind, opt, num_warmup_steps=warmup, num_training_steps=total,
-                          scheduler_specific_kwargs=KWARGS.get(kind))
+    sched = get_scheduler(
+        kind,
+        opt,
+        num_warmup_steps=warmup,
+        num_training_steps=total,
+        scheduler_specific_kwargs=KWARGS.get(kind),
+    )
     out = []
     for _ in range(total):
         out.append(opt.param_groups[0]["lr"])

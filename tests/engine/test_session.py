@@ -71,8 +71,10 @@ def test_tensorboard_scalars_are_written_when_installed(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    s = TrainingSession(make_cfg(tmp_path, train__max_steps=3, data__eval_fraction=0.05, train__eval_steps=3),
-                        system_interval=0)
+    s = TrainingSession(
+        make_cfg(tmp_path, train__max_steps=3, data__eval_fraction=0.05, train__eval_steps=3),
+        system_interval=0,
+    )
     s.start()
     assert s.join(timeout=120)
     acc = EventAccumulator(str(s.run_dir / "tensorboard"))
@@ -105,9 +107,9 @@ def test_resume_from_an_earlier_checkpoint_supersedes_later_steps_in_tensorboard
     starts = [i for i, e in enumerate(records) if e["type"] == "start"]
     assert [records[i]["step"] for i in starts] == [0, 2]
     # metrics.jsonl keeps both segments; the resumed one (after its start event) is what stands.
-    redone = [e for e in records[starts[1]:] if e["type"] == "step"]
+    redone = [e for e in records[starts[1] :] if e["type"] == "step"]
     assert [e["step"] for e in redone] == [3, 4, 5, 6]
-    kept = [e for e in records[:starts[1]] if e["type"] == "step" and e["step"] <= 2] + redone
+    kept = [e for e in records[: starts[1]] if e["type"] == "step" and e["step"] <= 2] + redone
     acc = EventAccumulator(str(first.run_dir / "tensorboard"))
     acc.Reload()
     scalars = acc.Scalars("train/loss")

@@ -8,8 +8,13 @@ from tests.engine.helpers import make_cfg, of, run
 
 
 def test_loss_decreases_on_the_demo(tmp_path):
-    cfg = make_cfg(tmp_path, train__max_steps=40, train__per_device_train_batch_size=16,
-                   train__lr_scheduler_type="cosine", train__warmup_ratio=0.03)
+    cfg = make_cfg(
+        tmp_path,
+        train__max_steps=40,
+        train__per_device_train_batch_size=16,
+        train__lr_scheduler_type="cosine",
+        train__warmup_ratio=0.03,
+    )
     events, _ = run(cfg)
     losses = [e.loss for e in of(events, "step")]
     assert len(losses) == 40
@@ -25,10 +30,24 @@ def test_accumulation_equals_a_bigger_batch(tmp_path):
 
     SGD, so the weights differ exactly as much as the gradients do (Adam would divide tiny
     float differences by tiny second moments)."""
-    a_events, a = run(make_cfg(tmp_path / "a", train__per_device_train_batch_size=8, train__optim="sgd",
-                               train__gradient_accumulation_steps=1, train__max_steps=4))
-    b_events, b = run(make_cfg(tmp_path / "b", train__per_device_train_batch_size=2, train__optim="sgd",
-                               train__gradient_accumulation_steps=4, train__max_steps=4))
+    a_events, a = run(
+        make_cfg(
+            tmp_path / "a",
+            train__per_device_train_batch_size=8,
+            train__optim="sgd",
+            train__gradient_accumulation_steps=1,
+            train__max_steps=4,
+        )
+    )
+    b_events, b = run(
+        make_cfg(
+            tmp_path / "b",
+            train__per_device_train_batch_size=2,
+            train__optim="sgd",
+            train__gradient_accumulation_steps=4,
+            train__max_steps=4,
+        )
+    )
     la = [e.loss for e in of(a_events, "step")]
     lb = [e.loss for e in of(b_events, "step")]
     assert la == pytest.approx(lb, rel=1e-5)
@@ -43,8 +62,13 @@ def test_accumulation_equals_a_bigger_batch(tmp_path):
 
 
 def test_unchanged_run_uses_the_learning_rates_of_get_scheduler(tmp_path):
-    cfg = make_cfg(tmp_path, train__max_steps=12, train__lr_scheduler_type="cosine", train__warmup_steps=3,
-                   train__learning_rate=2e-3)
+    cfg = make_cfg(
+        tmp_path,
+        train__max_steps=12,
+        train__lr_scheduler_type="cosine",
+        train__warmup_steps=3,
+        train__learning_rate=2e-3,
+    )
     events, _ = run(cfg)
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=2e-3)
@@ -58,8 +82,14 @@ def test_unchanged_run_uses_the_learning_rates_of_get_scheduler(tmp_path):
 
 
 def test_total_steps_from_epochs(tmp_path):
-    cfg = make_cfg(tmp_path, train__max_steps=-1, train__num_train_epochs=1, data__eval_fraction=0.9,
-                   train__per_device_train_batch_size=64, train__gradient_accumulation_steps=2)
+    cfg = make_cfg(
+        tmp_path,
+        train__max_steps=-1,
+        train__num_train_epochs=1,
+        data__eval_fraction=0.9,
+        train__per_device_train_batch_size=64,
+        train__gradient_accumulation_steps=2,
+    )
     events, t = run(cfg)
     start = of(events, "start")[0]
     train_n = start.data["train_examples"]

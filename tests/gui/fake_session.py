@@ -38,8 +38,16 @@ from tunedeck.engine.session import TrainingSession
 class FakeSession(TrainingSession):
     """TrainingSession's own start/send/drain/join/alive around a fake run, so the API cannot drift."""
 
-    def __init__(self, config, resume_from=None, *, steps: int = 200, delay: float = 0.005,
-                 fail_at: int | None = None, die_silently: bool = False) -> None:
+    def __init__(
+        self,
+        config,
+        resume_from=None,
+        *,
+        steps: int = 200,
+        delay: float = 0.005,
+        fail_at: int | None = None,
+        die_silently: bool = False,
+    ) -> None:
         super().__init__(config, resume_from, system_interval=0)
         self.steps = steps
         self.delay = delay
@@ -74,9 +82,16 @@ class FakeSession(TrainingSession):
         t = self.config.train
         lr = t.learning_rate
         self._emit(StateEvent(state="loading"))
-        self._emit(StartEvent(run_id=run_id, config=self.config.to_dict(), model={"device": "fake"},
-                              data={"train_examples": 100, "eval_examples": 5}, total_steps=self.steps,
-                              run_dir=str(self.run_dir)))
+        self._emit(
+            StartEvent(
+                run_id=run_id,
+                config=self.config.to_dict(),
+                model={"device": "fake"},
+                data={"train_examples": 100, "eval_examples": 5},
+                total_steps=self.steps,
+                run_dir=str(self.run_dir),
+            )
+        )
         if self.die_silently:
             return  # the thread ends with no end event
         self._emit(StateEvent(state="running"))
@@ -103,15 +118,23 @@ class FakeSession(TrainingSession):
                 elif isinstance(cmd, Set):
                     bad = [k for k in cmd.values if k not in LIVE_KEYS]
                     if bad:
-                        self._emit(ErrorEvent(message=f"{bad[0]} cannot be changed while a run goes", kind="config"))
+                        self._emit(
+                            ErrorEvent(message=f"{bad[0]} cannot be changed while a run goes", kind="config")
+                        )
                         continue
                     if "learning_rate" in cmd.values:
-                        self._emit(ChangeEvent(step=step, changes={"learning_rate": [lr, cmd.values["learning_rate"]]}))
+                        self._emit(
+                            ChangeEvent(
+                                step=step, changes={"learning_rate": [lr, cmd.values["learning_rate"]]}
+                            )
+                        )
                         lr = cmd.values["learning_rate"]
                 elif isinstance(cmd, Sample):
                     self._emit(SampleEvent(step=step, prompt=cmd.prompt, text="fake text"))
                 elif isinstance(cmd, Save):
-                    self._emit(CheckpointEvent(step=step, path=str(self.run_dir / f"checkpoints/step-{step:06d}")))
+                    self._emit(
+                        CheckpointEvent(step=step, path=str(self.run_dir / f"checkpoints/step-{step:06d}"))
+                    )
                 if status != "completed":
                     break
             if status != "completed":
@@ -121,10 +144,22 @@ class FakeSession(TrainingSession):
                 self._emit(ErrorEvent(message="CUDA out of memory (fake)", kind="oom", advice=""))
                 self._emit(EndEvent(status="failed", step=step - 1))
                 return
-            self._emit(StepEvent(step=step, epoch=step / self.steps, loss=2 + math.exp(-step / 30), learning_rate=lr,
-                                 grad_norm=1.0, tokens=100, tokens_per_s=1000.0, step_time_s=self.delay,
-                                 mem_allocated_mb=10.0, elapsed_s=time.time() - start, eta_s=1.0,
-                                 total_steps=self.steps))
+            self._emit(
+                StepEvent(
+                    step=step,
+                    epoch=step / self.steps,
+                    loss=2 + math.exp(-step / 30),
+                    learning_rate=lr,
+                    grad_norm=1.0,
+                    tokens=100,
+                    tokens_per_s=1000.0,
+                    step_time_s=self.delay,
+                    mem_allocated_mb=10.0,
+                    elapsed_s=time.time() - start,
+                    eta_s=1.0,
+                    total_steps=self.steps,
+                )
+            )
             if t.eval_steps and step % t.eval_steps == 0:
                 self._emit(EvalEvent(step=step, eval_loss=2.1, perplexity=8.2))
             if self.delay:

@@ -9,7 +9,9 @@ import pytest
 from tests.gui.fake_session import factory
 
 
-@pytest.mark.parametrize("choice, status, adapter", [("stop", "stopped", True), ("cancel", "cancelled", False)])
+@pytest.mark.parametrize(
+    "choice, status, adapter", [("stop", "stopped", True), ("cancel", "cancelled", False)]
+)
 def test_closing_during_a_run(make_window, make_config, qtbot, monkeypatch, choice, status, adapter):
     make = factory(steps=100_000, delay=0.002)
     win = make_window(factory=make)

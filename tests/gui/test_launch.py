@@ -22,7 +22,9 @@ def test_a_missing_config_is_a_usage_error(tmp_path, capsys):
 
 
 def test_help_does_not_need_a_display():
-    out = subprocess.run([sys.executable, "-m", "tunedeck.gui.app", "--help"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "tunedeck.gui.app", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0 and "--start" in out.stdout
 
 

@@ -136,6 +136,7 @@ def test_both_missing_are_counted(qtbot, tmp_path):
 # The form and the engine share engine.paths; these check, name by name, that the form refuses
 # exactly what the engine would fail on, in the same words.
 
+
 def _engine_refusal(load, name: str) -> str | None:
     """What the engine says when it loads ``name`` and finds nothing there, or None."""
     try:
@@ -145,8 +146,18 @@ def _engine_refusal(load, name: str) -> str | None:
     return None
 
 
-DATA_PATHS = ["builtin:demo", "org/name", "org/name.v2", "squad", "missing.jsonl", "sub/missing.jsonl",
-              "a/b/c", "~/tunedeck-no-such-file.jsonl", "/tunedeck-no-such-dir/x.csv", "builtin:other"]
+DATA_PATHS = [
+    "builtin:demo",
+    "org/name",
+    "org/name.v2",
+    "squad",
+    "missing.jsonl",
+    "sub/missing.jsonl",
+    "a/b/c",
+    "~/tunedeck-no-such-file.jsonl",
+    "/tunedeck-no-such-dir/x.csv",
+    "builtin:other",
+]
 
 
 @pytest.mark.parametrize("path", [*DATA_PATHS, "<file>", "<dir>"])
@@ -172,8 +183,15 @@ def test_the_form_refuses_what_the_engine_fails_on_datasets(path, qtbot, tmp_pat
         assert form == data_refusal(Path(path).expanduser().absolute())
 
 
-MODEL_NAMES = ["org/name", "gpt2", "./no-model", "/tunedeck-no-such-dir/model", "a/b/c",
-               "~/tunedeck-no-such-model", "../up/model"]
+MODEL_NAMES = [
+    "org/name",
+    "gpt2",
+    "./no-model",
+    "/tunedeck-no-such-dir/model",
+    "a/b/c",
+    "~/tunedeck-no-such-model",
+    "../up/model",
+]
 
 
 @pytest.mark.parametrize("name", [*MODEL_NAMES, "<folder>", "<empty-folder>"])

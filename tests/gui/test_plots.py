@@ -14,8 +14,17 @@ from tunedeck.gui.widgets.plots import PlotPanel, nice_ceil
 
 def feed(h: RunHistory, n: int, start: int = 1) -> None:
     for s in range(start, start + n):
-        h.add(StepEvent(step=s, loss=3.0 / s**0.3, learning_rate=1e-4, grad_norm=1.0, tokens_per_s=500.0,
-                        mem_allocated_mb=100.0, total_steps=1000))
+        h.add(
+            StepEvent(
+                step=s,
+                loss=3.0 / s**0.3,
+                learning_rate=1e-4,
+                grad_norm=1.0,
+                tokens_per_s=500.0,
+                mem_allocated_mb=100.0,
+                total_steps=1000,
+            )
+        )
 
 
 def shown_panel(qtbot, size: tuple[int, int], steps: int) -> tuple[PlotPanel, RunHistory]:

@@ -29,8 +29,10 @@ def test_every_config_field_has_an_editor_with_the_engine_help_as_tooltip(qtbot)
                 dotted = QUANT
             assert dotted in eds, dotted
             help_text = cfgmod.field_help(section, f.name)
-            assert help_text.split(".")[0][:40].replace("'", "&#x27;") in eds[dotted].widget.toolTip() or \
-                help_text[:30] in eds[dotted].widget.toolTip()
+            assert (
+                help_text.split(".")[0][:40].replace("'", "&#x27;") in eds[dotted].widget.toolTip()
+                or help_text[:30] in eds[dotted].widget.toolTip()
+            )
     assert "Can be changed while a run goes" in eds["train.learning_rate"].widget.toolTip()
 
 
@@ -83,7 +85,9 @@ def test_live_keys_stay_editable_and_the_rest_locks_with_a_reason(qtbot):
     sent = []
     p.form.apply_requested.connect(sent.append)
     p.form.editor("train.learning_rate").set_raw("5e-4")
-    p.form.editor("train.gradient_accumulation_steps").set_raw(str(cfg.train.gradient_accumulation_steps))  # same
+    p.form.editor("train.gradient_accumulation_steps").set_raw(
+        str(cfg.train.gradient_accumulation_steps)
+    )  # same
     assert p.form.apply_button.isEnabled()
     p.form.apply_button.click()
     assert sent == [{"learning_rate": 5e-4}]
@@ -120,15 +124,19 @@ def test_dataset_preview_shows_rows_and_format(qtbot, tmp_path):
     qtbot.waitUntil(lambda: p.data.detected != "", timeout=10_000)
     assert p.data.table.rowCount() > 0 and p.data.total > 0
     f = tmp_path / "chat.jsonl"
-    f.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n' * 3)
+    f.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n' * 3
+    )
     p.data.set_value(str(f))
     qtbot.waitUntil(lambda: p.data.detected == "messages", timeout=10_000)
     assert p.data.total == 3 and "user: hi" in p.data.table.item(0, 0).text()
     p.data.set_value(str(tmp_path / "missing.jsonl"))
     qtbot.waitUntil(lambda: p.data.error is not None, timeout=10_000)
     assert "does not exist" in p.data.error
-    assert p.problem == (f"dataset file {tmp_path / 'missing.jsonl'} does not exist "
-                         "(choose an existing file, a hub dataset owner/name, or builtin:demo)")
+    assert p.problem == (
+        f"dataset file {tmp_path / 'missing.jsonl'} does not exist "
+        "(choose an existing file, a hub dataset owner/name, or builtin:demo)"
+    )
 
 
 def test_editor_text_reads_back_exactly():
