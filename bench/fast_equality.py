@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tunedeck.engine import builtin, fast
+from tunedeck.engine import attention, builtin, packing
 from tunedeck.engine.data import IGNORE_INDEX, collate
 
 from tests.engine.helpers import make_cfg, run, steps
@@ -28,7 +28,7 @@ def runs(tmp: Path) -> None:
 
     base, _ = run(make_cfg(tmp / "a", train__max_steps=6))
     packed, _ = run(make_cfg(tmp / "b", train__max_steps=6, data__packing=True))
-    with unittest.mock.patch.object(fast, "enable_varlen", lambda *a, **k: None):
+    with unittest.mock.patch.object(attention, "enable_varlen", lambda *a, **k: None):
         block, _ = run(make_cfg(tmp / "c", train__max_steps=6, data__packing=True))
     a, b, c = steps(base), steps(packed), steps(block)
     print("packing, 6 steps on the demo, batch 4, fp32 CPU (losses: unpacked / padding-free / block mask)")
@@ -48,7 +48,7 @@ def per_example() -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(builtin.tiny_model_dir(), dtype=torch.float32).eval()
-    fast.register()
+    attention.register()
     g = torch.Generator().manual_seed(1)
     examples = []
     for n in (17, 3, 40, 9, 128, 64):
@@ -60,15 +60,17 @@ def per_example() -> None:
             b = collate([ex], 2)
             alone.append(float(model(input_ids=b["input_ids"], labels=b["labels"], use_cache=False).loss))
         worst = {}
-        for impl in ("sdpa", fast.VARLEN):
+        for impl in ("sdpa", attention.VARLEN):
             model.set_attn_implementation(impl)
-            packed = fast.prepare_batch(collate(examples, 2, packing=True), varlen=impl == fast.VARLEN)
+            packed = packing.prepare_batch(
+                collate(examples, 2, packing=True), varlen=impl == attention.VARLEN
+            )
             logits = model(**{k: v for k, v in packed.items() if k != "labels"}, use_cache=False).logits
             labels = packed["labels"][0]
             ce = torch.nn.functional.cross_entropy(
                 logits[0, :-1], labels[1:], reduction="none", ignore_index=IGNORE_INDEX
             )
-            cu = fast.cu_seqlens(packed["position_ids"])[0].tolist()
+            cu = packing.cu_seqlens(packed["position_ids"])[0].tolist()
             got = []
             for s, e in zip(cu[:-1], cu[1:], strict=True):
                 seg = slice(s, e - 1)  # the prediction of e-1's successor belongs to the next example
@@ -76,11 +78,11 @@ def per_example() -> None:
             worst[impl] = max(abs(x - y) for x, y in zip(alone, got, strict=True))
     print(
         f"per-example loss in a packed row vs alone ({len(examples)} examples, 3..128 tokens): max |diff| "
-        f"block mask {worst['sdpa']:.1e}, padding-free {worst[fast.VARLEN]:.1e}"
+        f"block mask {worst['sdpa']:.1e}, padding-free {worst[attention.VARLEN]:.1e}"
     )
 
 
-def attention() -> None:
+def varlen_vs_sdpa() -> None:
     class Attn(torch.nn.Module):
         is_causal = True
 
@@ -89,7 +91,9 @@ def attention() -> None:
     t = sum(lengths)
     q, k, v = (torch.randn(1, h, t, 64, generator=g) for h in (8, 2, 2))
     pos = torch.tensor([[i for n in lengths for i in range(n)]])
-    out, _ = fast.varlen_attention_forward(Attn(), q, k, v, None, scaling=0.125, **fast.packed_kwargs(pos))
+    out, _ = attention.varlen_attention_forward(
+        Attn(), q, k, v, None, scaling=0.125, **packing.packed_kwargs(pos)
+    )
     k2, v2 = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
     ref, s = [], 0
     for n in lengths:
@@ -130,4 +134,4 @@ if __name__ == "__main__":
         runs(Path(d))
         compiled(Path(d))
     per_example()
-    attention()
+    varlen_vs_sdpa()

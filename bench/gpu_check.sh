@@ -50,8 +50,8 @@ for mod in ("liger_kernel", "bitsandbytes", "triton", "pytest"):
 try:
     from torch.nn.attention.varlen import varlen_attn
     print("varlen_attn", inspect.signature(varlen_attn))
-    from tunedeck.engine import fast
-    print("engine.fast.varlen_kernel features", fast.varlen_kernel() and fast.varlen_kernel()[1])
+    from tunedeck.engine import attention
+    print("engine.attention.varlen_kernel features", attention.varlen_kernel() and attention.varlen_kernel()[1])
 except Exception as e:
     print("varlen_attn NOT available:", type(e).__name__, e)
 EOF

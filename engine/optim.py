@@ -20,6 +20,12 @@ BNB_OPTIMS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 ADAM_FP32 = ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit")
 
 
+def actual_name(name: str, device: torch.device) -> str:
+    """The optimizer actually built for ``name``: AdamW's fused kernel on CUDA (HF's own default for
+    ``adamw_torch`` there is the same algorithm, foreach, in more kernels)."""
+    return "adamw_torch_fused" if name == "adamw_torch" and device.type == "cuda" else name
+
+
 def param_groups(
     params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float
 ) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tunedeck.engine import checkpoint, data, fast, liger, optim
+from tunedeck.engine import attention, checkpoint, data, liger, optim, packing, precision
 from tunedeck.engine import model as model_mod
 from tunedeck.engine.config import LIVE_KEYS, Config, validate_value
 from tunedeck.engine.errors import ConfigError, TunedeckError
@@ -127,7 +127,7 @@ class Trainer:
         if self.loaded.device.type == "cpu":
             _leave_a_core_free()
         self.model, self.tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
-        self.varlen = fast.enable_varlen(self.model, cfg.data.packing, self.device, self.loaded.dtype)
+        self.varlen = attention.enable_varlen(self.model, cfg.data.packing, self.device, self.loaded.dtype)
         self.compiled: str | None = None
         splits = data.load_examples(cfg.data, self.tokenizer, t.seed)
         self.train_examples, self.eval_examples = splits.train, splits.eval
@@ -155,7 +155,7 @@ class Trainer:
         self.trainable = [p for _, p in params if p.requires_grad]
         self.optim_name = t.optim
         self.optimizer = optim.build(
-            fast.optimizer_name(t.optim, self.device),
+            optim.actual_name(t.optim, self.device),
             optim.param_groups(params, t.weight_decay),
             t,
             t.learning_rate,
@@ -176,10 +176,10 @@ class Trainer:
                 model={
                     **self.loaded.info(),
                     "compiled": self.compiled,
-                    "attention": f"{fast.VARLEN} ({self.varlen})"
+                    "attention": f"{attention.VARLEN} ({self.varlen})"
                     if self.varlen
                     else cfg.model.attn_implementation,
-                    "optimizer": fast.optimizer_name(t.optim, self.device),
+                    "optimizer": optim.actual_name(t.optim, self.device),
                 },
                 data={
                     "train_examples": len(self.train_examples),
@@ -199,7 +199,7 @@ class Trainer:
     def _compute(self) -> Iterator[None]:
         """Around every forward pass of the model: bf16 autocast and Liger's RoPE where they apply."""
         with (
-            fast.autocast(self.device, self.loaded.dtype, self.model),
+            precision.autocast(self.device, self.loaded.dtype, self.model),
             liger.fused_rope(self.loaded.liger_rope),
         ):
             yield
@@ -302,7 +302,7 @@ class Trainer:
         t = self.cfg.train
         pad = self.tokenizer.pad_token_id
         batches = [
-            fast.prepare_batch(data.collate(mb, pad, packing=self.cfg.data.packing), self.varlen)
+            packing.prepare_batch(data.collate(mb, pad, packing=self.cfg.data.packing), self.varlen)
             for mb in self._next_micro_batches()
         ]
         # Counted on the host before the copy, so normalising costs no device sync.
@@ -438,8 +438,8 @@ class Trainer:
         if "optim" in changes:
             self.optimizer, carried = optim.swap(
                 self.optimizer,
-                fast.optimizer_name(self.optim_name, self.device),
-                fast.optimizer_name(checked["optim"], self.device),
+                optim.actual_name(self.optim_name, self.device),
+                optim.actual_name(checked["optim"], self.device),
                 t,
                 checked.get("weight_decay", t.weight_decay),
             )
@@ -484,7 +484,7 @@ class Trainer:
         bs = self.cfg.train.per_device_eval_batch_size
         pad = self.tokenizer.pad_token_id
         batches = [
-            fast.prepare_batch(
+            packing.prepare_batch(
                 data.collate(self.eval_examples[i : i + bs], pad, packing=self.cfg.data.packing), self.varlen
             )
             for i in range(0, len(self.eval_examples), bs)

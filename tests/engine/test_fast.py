@@ -1,4 +1,4 @@
-"""engine.fast on the CPU: padding-free packing and its fallbacks, the kernel plumbing (with a stand-in
+"""The fast paths on the CPU (attention, packing, precision): padding-free packing and its fallbacks, the kernel plumbing (with a stand-in
 kernel), batch preparation, the monitoring-off switch, Liger's clean-up, and the CPU benchmark."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from tunedeck.engine import builtin, fast
+from tunedeck.engine import attention, builtin, optim, packing, precision
 from tunedeck.engine.data import IGNORE_INDEX, collate
 from tunedeck.engine.protocol import StepEvent, SystemEvent
 from tunedeck.engine.session import TrainingSession
@@ -30,25 +30,25 @@ from tests.engine.helpers import make_cfg, of, run, steps
     ],
 )
 def test_cu_seqlens_from_position_ids(pos, cu, longest):
-    got, m = fast.cu_seqlens(torch.tensor(pos))
+    got, m = packing.cu_seqlens(torch.tensor(pos))
     assert got.dtype == torch.int32
     assert got.tolist() == cu and m == longest
 
 
 def test_cu_seqlens_of_a_packed_collate():
     examples = [{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in (5, 2, 7)]
-    batch = fast.prepare_batch(collate(examples, 2, packing=True), varlen=True)
-    assert batch[fast.CU_Q].tolist() == [0, 5, 7, 14] and batch[fast.MAX_Q] == 7
-    assert batch[fast.CU_K] is batch[fast.CU_Q] and batch[fast.MAX_K] == 7
+    batch = packing.prepare_batch(collate(examples, 2, packing=True), varlen=True)
+    assert batch[packing.CU_Q].tolist() == [0, 5, 7, 14] and batch[packing.MAX_Q] == 7
+    assert batch[packing.CU_K] is batch[packing.CU_Q] and batch[packing.MAX_K] == 7
 
 
 def test_prepare_batch_drops_only_an_all_ones_mask():
     even = [{"input_ids": [3, 4, 5], "labels": [3, 4, 5]}] * 2
     uneven = [{"input_ids": [3, 4, 5], "labels": [3, 4, 5]}, {"input_ids": [3], "labels": [3]}]
-    assert "attention_mask" not in fast.prepare_batch(collate(even, 2), varlen=False)
-    kept = fast.prepare_batch(collate(uneven, 2), varlen=False)
+    assert "attention_mask" not in packing.prepare_batch(collate(even, 2), varlen=False)
+    kept = packing.prepare_batch(collate(uneven, 2), varlen=False)
     assert kept["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert fast.CU_Q not in fast.prepare_batch(collate(uneven, 2, packing=True), varlen=False)
+    assert packing.CU_Q not in packing.prepare_batch(collate(uneven, 2, packing=True), varlen=False)
 
 
 # ---------------------------------------------------------------- the attention function
@@ -89,10 +89,10 @@ def test_per_sequence_path_equals_attention_of_each_example():
     q, k, v = _qkv(lengths)
     pos = torch.tensor([[i for n in lengths for i in range(n)]])
     want = _padded_reference(q, k, v, lengths, scale=0.3)
-    via_cu, _ = fast.varlen_attention_forward(
-        _Attn(), q, k, v, None, scaling=0.3, position_ids=pos, **fast.packed_kwargs(pos)
+    via_cu, _ = attention.varlen_attention_forward(
+        _Attn(), q, k, v, None, scaling=0.3, position_ids=pos, **packing.packed_kwargs(pos)
     )
-    via_pos, _ = fast.varlen_attention_forward(_Attn(), q, k, v, None, scaling=0.3, position_ids=pos)
+    via_pos, _ = attention.varlen_attention_forward(_Attn(), q, k, v, None, scaling=0.3, position_ids=pos)
     assert via_cu.shape == (1, sum(lengths), 4, 16)
     assert torch.allclose(via_cu, want, atol=1e-6) and torch.allclose(via_pos, want, atol=1e-6)
 
@@ -100,10 +100,10 @@ def test_per_sequence_path_equals_attention_of_each_example():
 def test_plain_inputs_go_to_sdpa_unchanged():
     q, k, v = _qkv([8])
     pos = torch.arange(8)[None]
-    out, _ = fast.varlen_attention_forward(_Attn(), q, k, v, None, position_ids=pos)
+    out, _ = attention.varlen_attention_forward(_Attn(), q, k, v, None, position_ids=pos)
     assert torch.allclose(out, _padded_reference(q, k, v, [8]), atol=1e-6)
     # Generation with a cache: one new query against all cached keys, no mask, not causal.
-    one, _ = fast.varlen_attention_forward(_Attn(), q[:, :, -1:], k, v, None, position_ids=pos[:, -1:])
+    one, _ = attention.varlen_attention_forward(_Attn(), q[:, :, -1:], k, v, None, position_ids=pos[:, -1:])
     assert torch.allclose(one[0, 0], out[0, -1], atol=1e-6)
 
 
@@ -129,19 +129,19 @@ def test_kernel_features_follow_the_signature():
     def neither(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k):
         pass
 
-    assert fast.kernel_features(old) == {
+    assert attention.kernel_features(old) == {
         "window_size": False,
         "is_causal": True,
         "scale": False,
         "enable_gqa": False,
     }
-    assert fast.kernel_features(new) == {
+    assert attention.kernel_features(new) == {
         "window_size": True,
         "is_causal": False,
         "scale": True,
         "enable_gqa": True,
     }
-    assert fast.kernel_features(neither) is None
+    assert attention.kernel_features(neither) is None
 
 
 @pytest.mark.parametrize("style", ["is_causal", "window_size"])
@@ -187,13 +187,13 @@ def test_kernel_call_plumbing_with_a_stand_in_kernel(monkeypatch, style):
         ):
             pass
 
-    monkeypatch.setattr(fast, "varlen_kernel", lambda: (kernel, fast.kernel_features(sig)))
-    monkeypatch.setattr(fast, "_kernel_ok", lambda *a: True)
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: (kernel, attention.kernel_features(sig)))
+    monkeypatch.setattr(attention, "_kernel_ok", lambda *a: True)
     lengths = [4, 9, 2]
     q, k, v = _qkv(lengths)
     pos = torch.tensor([[i for n in lengths for i in range(n)]])
-    out, _ = fast.varlen_attention_forward(
-        _Attn(), q, k, v, None, scaling=16**-0.5, **fast.packed_kwargs(pos)
+    out, _ = attention.varlen_attention_forward(
+        _Attn(), q, k, v, None, scaling=16**-0.5, **packing.packed_kwargs(pos)
     )
     assert torch.allclose(out, _padded_reference(q, k, v, lengths), atol=1e-6)
     want = {
@@ -205,12 +205,12 @@ def test_kernel_call_plumbing_with_a_stand_in_kernel(monkeypatch, style):
 
 def test_kernel_needs_cuda_and_half_precision():
     f = {"window_size": True, "is_causal": False, "scale": True, "enable_gqa": True}
-    assert not fast._kernel_ok(torch.zeros(1, 2, 3, 64), 0.0, None, f)
-    assert not fast.varlen_available(torch.device("cpu"), torch.bfloat16)
-    assert fast.optimizer_name("adamw_torch", torch.device("cpu")) == "adamw_torch"
-    assert fast.optimizer_name("adamw_torch", torch.device("cuda")) == "adamw_torch_fused"
-    assert fast.optimizer_name("sgd", torch.device("cuda")) == "sgd"
-    with fast.autocast(torch.device("cpu"), torch.float32):
+    assert not attention._kernel_ok(torch.zeros(1, 2, 3, 64), 0.0, None, f)
+    assert not attention.varlen_available(torch.device("cpu"), torch.bfloat16)
+    assert optim.actual_name("adamw_torch", torch.device("cpu")) == "adamw_torch"
+    assert optim.actual_name("adamw_torch", torch.device("cuda")) == "adamw_torch_fused"
+    assert optim.actual_name("sgd", torch.device("cuda")) == "sgd"
+    with precision.autocast(torch.device("cpu"), torch.float32):
         assert not torch.is_autocast_enabled("cpu")
 
 
@@ -222,13 +222,13 @@ def test_autocast_lets_lora_skip_its_fp32_input_cast_only_inside(tmp_path):
         AutoModelForCausalLM.from_pretrained(builtin.tiny_model_dir()),
         LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
     )
-    layers = fast._peft_layers(model)
+    layers = precision._peft_layers(model)
     assert len(layers) == 8
-    with fast.autocast(torch.device("cpu"), torch.float32, model):
+    with precision.autocast(torch.device("cpu"), torch.float32, model):
         assert all(getattr(m, "cast_input_dtype_enabled", True) for m in layers)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "CUDA is not available": autocast itself turns off here
-        with fast.autocast(torch.device("cuda"), torch.bfloat16, model):
+        with precision.autocast(torch.device("cuda"), torch.bfloat16, model):
             assert not any(m.cast_input_dtype_enabled for m in layers)
     assert all(m.cast_input_dtype_enabled for m in layers)
 
@@ -258,7 +258,7 @@ def _per_example_losses(logits, labels, cu):
     return out
 
 
-@pytest.mark.parametrize("impl", ["sdpa", fast.VARLEN])
+@pytest.mark.parametrize("impl", ["sdpa", attention.VARLEN])
 def test_packing_gives_the_same_per_example_loss(tiny, impl):
     """Each example's loss in a packed row (block mask with SDPA, or padding-free) equals its loss alone."""
     g = torch.Generator().manual_seed(1)
@@ -272,14 +272,16 @@ def test_packing_gives_the_same_per_example_loss(tiny, impl):
             b = collate([ex], 2)
             out = tiny(input_ids=b["input_ids"], labels=b["labels"], use_cache=False)
             alone.append(float(out.loss))
-        fast.register()
+        attention.register()
         tiny.set_attn_implementation(impl)
         try:
-            packed = fast.prepare_batch(collate(examples, 2, packing=True), varlen=impl == fast.VARLEN)
+            packed = packing.prepare_batch(
+                collate(examples, 2, packing=True), varlen=impl == attention.VARLEN
+            )
             logits = tiny(**{k: v for k, v in packed.items() if k != "labels"}, use_cache=False).logits
         finally:
             tiny.set_attn_implementation("sdpa")
-    cu = fast.cu_seqlens(packed["position_ids"])[0].tolist()
+    cu = packing.cu_seqlens(packed["position_ids"])[0].tolist()
     got = _per_example_losses(logits, packed["labels"], cu)
     assert max(abs(a - b) for a, b in zip(alone, got, strict=True)) < 1e-5, (alone, got)
 
@@ -288,11 +290,11 @@ def test_packed_runs_fall_back_on_the_cpu_and_equal_the_unpacked_run(tmp_path, m
     base, _ = run(make_cfg(tmp_path / "a", train__max_steps=3))
     per_seq, _ = run(make_cfg(tmp_path / "b", train__max_steps=3, data__packing=True))
     # The brief's CPU fallback: packed rows through SDPA with transformers' block-diagonal mask.
-    monkeypatch.setattr(fast, "enable_varlen", lambda *a, **k: None)
+    monkeypatch.setattr(attention, "enable_varlen", lambda *a, **k: None)
     block, _ = run(make_cfg(tmp_path / "c", train__max_steps=3, data__packing=True))
     for events in (base, per_seq, block):
         assert of(events, "end")[0].status == "completed"
-    assert of(per_seq, "start")[0].model["attention"] == f"{fast.VARLEN} (sdpa_per_sequence)"
+    assert of(per_seq, "start")[0].model["attention"] == f"{attention.VARLEN} (sdpa_per_sequence)"
     assert of(block, "start")[0].model["attention"] == "sdpa"
     a, b, c = steps(base), steps(per_seq), steps(block)
     assert abs(a[1].loss - b[1].loss) < 1e-5 and abs(a[1].loss - c[1].loss) < 1e-5

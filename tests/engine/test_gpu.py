@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tunedeck.engine import builtin, fast
+from tunedeck.engine import attention, builtin, optim, packing, precision
 from tunedeck.engine.protocol import Set, StepEvent, SystemEvent
 from tunedeck.engine.session import TrainingSession
 
@@ -128,7 +128,7 @@ def test_fused_adamw_equals_foreach(tmp_path, monkeypatch):
     """fp32 weights so the comparison is tight: fused and foreach AdamW are the same algorithm."""
     kw = dict(model__dtype="float32", train__max_steps=5)
     fused, t1 = run(make_cfg(tmp_path / "a", **kw))
-    monkeypatch.setattr(fast, "optimizer_name", lambda name, device: name)
+    monkeypatch.setattr(optim, "actual_name", lambda name, device: name)
     plain, t2 = run(make_cfg(tmp_path / "b", **kw))
     assert t1.optimizer.defaults.get("fused") is True and not t2.optimizer.defaults.get("fused")
     a, b = steps(fused), steps(plain)
@@ -184,20 +184,20 @@ def test_liger_rope_kernel_equals_transformers_rope(llama_dir):
 def test_varlen_packed_equals_padded_within_bf16(tmp_path, llama_dir, liger):
     if liger:
         pytest.importorskip("liger_kernel")
-    if fast.varlen_kernel() is None:
+    if attention.varlen_kernel() is None:
         pytest.skip("this torch has no torch.nn.attention.varlen")
     kw = dict(model__name_or_path=str(llama_dir), train__max_steps=4, train__use_liger_kernel=liger)
     packed, _ = run(make_cfg(tmp_path / "a", data__packing=True, **kw))
     padded, _ = run(make_cfg(tmp_path / "b", data__packing=False, **kw))
     _completed(packed)
-    assert of(packed, "start")[0].model["attention"] == f"{fast.VARLEN} (varlen_attn)"
+    assert of(packed, "start")[0].model["attention"] == f"{attention.VARLEN} (varlen_attn)"
     a, b = steps(packed), steps(padded)
     assert _close(a[1].loss, b[1].loss), (a[1].loss, b[1].loss)
     assert a[1].tokens < b[1].tokens  # packed counts real tokens only, padded counts the mask
 
 
 def test_varlen_kernel_forward_and_backward_match_per_sequence_sdpa():
-    if fast.varlen_kernel() is None:
+    if attention.varlen_kernel() is None:
         pytest.skip("this torch has no torch.nn.attention.varlen")
 
     class Attn(torch.nn.Module):
@@ -214,12 +214,12 @@ def test_varlen_kernel_forward_and_backward_match_per_sequence_sdpa():
     pos = torch.tensor([[i for n in lengths for i in range(n)]])
     kwargs = {
         key: (val.cuda() if isinstance(val, torch.Tensor) else val)
-        for key, val in fast.packed_kwargs(pos).items()
+        for key, val in packing.packed_kwargs(pos).items()
     }
-    out, _ = fast.varlen_attention_forward(Attn(), q, k, v, None, scaling=0.125, **kwargs)
+    out, _ = attention.varlen_attention_forward(Attn(), q, k, v, None, scaling=0.125, **kwargs)
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
     cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
-    ref = fast._per_sequence(q.float(), k.float(), v.float(), cu, 0.0, 0.125)
+    ref = attention._per_sequence(q.float(), k.float(), v.float(), cu, 0.0, 0.125)
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     assert (out.float() - ref).abs().max() < 2e-2
     for a, b in zip(grads, ref_grads, strict=True):
@@ -228,7 +228,7 @@ def test_varlen_kernel_forward_and_backward_match_per_sequence_sdpa():
 
 def test_autocast_equals_no_autocast_within_bf16(tmp_path, monkeypatch):
     on, _ = run(make_cfg(tmp_path / "a", train__max_steps=3))
-    monkeypatch.setattr(fast, "autocast", lambda *a: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(precision, "autocast", lambda *a: __import__("contextlib").nullcontext())
     off, _ = run(make_cfg(tmp_path / "b", train__max_steps=3))
     a, b = steps(on), steps(off)
     assert all(_close(a[s].loss, b[s].loss) for s in a)

@@ -1,46 +1,25 @@
-"""The engine's fast paths, each with a clean fallback where it cannot run.
+"""Padding-free attention for packed batches, registered with transformers as ``tunedeck_varlen``.
 
-- Padding-free packing: a packed micro-batch (``data.collate(packing=True)``: one row, position ids
-  restarting at 0 per example) runs through the attention registered here as ``tunedeck_varlen``.
-  On CUDA it calls PyTorch's own varlen flash kernel (``torch.nn.attention.varlen.varlen_attn``)
-  with cumulative sequence lengths, so attention costs what the real tokens cost and never crosses
-  an example boundary. transformers builds no mask for it (the name has no mask function), which
-  also saves the dense block-diagonal mask it would otherwise build for SDPA. The cumulative
-  lengths are derived from the position ids on the host, before the copy to the device, so this
-  costs no host-device sync. Where the kernel cannot run (the CPU, an old torch, fp32, odd head
-  sizes) the same function runs SDPA once per example, which is exact too. The trainer uses the
-  kernel on CUDA and the per-example form on the CPU (where it beats the block mask: see
-  docs/BENCHMARKS.md); on CUDA without the kernel packed batches keep SDPA with transformers'
-  block-diagonal mask.
-- Fused AdamW on CUDA for ``adamw_torch``: the same algorithm as the foreach version HF uses for
-  that name (HF's own default optimizer is the fused one), in one kernel per step.
-- bf16 autocast on CUDA when the weights are bf16: LoRA's fp32 adapters then compute in bf16 as
-  under ``TrainingArguments(bf16=True)``, with fp32 master weights and optimizer state, and
-  without peft's cast of each adapter input to fp32 and back.
-- A batch without padding drops its all-ones attention mask, so transformers neither builds nor
-  checks one (checking it is a device sync).
-
-Liger's kernels are applied in ``tunedeck.engine.model``.
+On CUDA it calls PyTorch's own varlen flash kernel (``torch.nn.attention.varlen.varlen_attn``) with
+cumulative sequence lengths, so attention costs what the real tokens cost and never crosses an
+example boundary. transformers builds no mask for it (the name has no mask function), which also
+saves the dense block-diagonal mask it would otherwise build for SDPA. Where the kernel cannot run
+(the CPU, an old torch, fp32, odd head sizes) the same function runs SDPA once per example, which is
+exact too. The trainer uses the kernel on CUDA and the per-example form on the CPU (where it beats
+the block mask: see docs/BENCHMARKS.md); on CUDA without the kernel packed batches keep SDPA with
+transformers' block-diagonal mask.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import torch
+from tunedeck.engine.packing import CU_K, CU_Q, MAX_K, MAX_Q, cu_seqlens
 
 VARLEN = "tunedeck_varlen"
-# The kwargs transformers' flash-attention integrations use for the same purpose; models pass any
-# extra forward kwargs down to their attention functions.
-CU_Q, CU_K, MAX_Q, MAX_K = "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"
-
-
-# ---------------------------------------------------------------- varlen attention
 
 
 @functools.cache
@@ -77,26 +56,6 @@ def register() -> str:
 def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the varlen flash kernel can run here: CUDA, a torch that has it, half precision."""
     return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and varlen_kernel() is not None
-
-
-def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Cumulative lengths (int32, ``[0, l0, l0+l1, ..., total]``) and the longest length of the
-    sequences in a packed batch, each of which starts where its position id is 0. Rows are read end
-    to end; a row that does not start at 0 still starts a sequence. On a CUDA tensor this syncs."""
-    flat = position_ids.reshape(-1)
-    total = flat.numel()
-    starts = torch.nonzero(flat == 0).flatten()
-    row_starts = torch.arange(0, total, max(1, position_ids.shape[-1]), device=flat.device)
-    starts = torch.unique(torch.cat([starts, row_starts]))  # sorted
-    cu = torch.cat([starts, torch.tensor([total], device=flat.device)]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max()) if total else 0
-    return cu, max_len
-
-
-def packed_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
-    """The forward kwargs that route a packed batch through ``tunedeck_varlen`` without a sync."""
-    cu, max_len = cu_seqlens(position_ids)
-    return {CU_Q: cu, CU_K: cu, MAX_Q: max_len, MAX_K: max_len}
 
 
 # The position ids last derived from (held, so their memory cannot be reused under the same address).
@@ -289,59 +248,3 @@ def enable_varlen(
     else:
         return None
     return mode if use_varlen(model) else None
-
-
-# ---------------------------------------------------------------- batches, optimizer, precision
-
-
-def prepare_batch(batch: dict[str, torch.Tensor], varlen: bool) -> dict[str, Any]:
-    """Host-side touches to a collated batch before it is copied to the device."""
-    mask = batch.get("attention_mask")
-    if mask is not None and bool(mask.all()):
-        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
-    if varlen and "position_ids" in batch:
-        batch = {**batch, **packed_kwargs(batch["position_ids"])}
-    return batch
-
-
-def optimizer_name(name: str, device: torch.device) -> str:
-    """The optimizer actually built for ``name``: AdamW's fused kernel on CUDA."""
-    return "adamw_torch_fused" if name == "adamw_torch" and device.type == "cuda" else name
-
-
-_lora_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _peft_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    if model not in _lora_layers:
-        try:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-        except ImportError:
-            BaseTunerLayer = ()  # noqa: N806
-        _lora_layers[model] = [m for m in model.modules() if BaseTunerLayer and isinstance(m, BaseTunerLayer)]
-    return _lora_layers[model]
-
-
-@contextlib.contextmanager
-def autocast(
-    device: torch.device, dtype: torch.dtype, model: torch.nn.Module | None = None
-) -> Iterator[None]:
-    """bf16 autocast where the weights are bf16 on CUDA (as HF's ``bf16=True``); otherwise nothing.
-
-    Inside it, peft's LoRA layers skip casting their input to the fp32 adapter dtype: autocast casts
-    it straight back to bf16 for the matmul, so the round trip only costs two passes over the
-    activations per adapted layer (the values reaching the matmul are the same bf16 numbers).
-    """
-    if not (device.type == "cuda" and dtype == torch.bfloat16):
-        yield
-        return
-    layers = _peft_layers(model) if model is not None else []
-    saved = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
-    for m in layers:
-        m.cast_input_dtype_enabled = False
-    try:
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
-            yield
-    finally:
-        for m, value in zip(layers, saved, strict=True):
-            m.cast_input_dtype_enabled = value
