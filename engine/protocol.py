@@ -222,6 +222,18 @@ class SampleEvent(Event):
 
 
 @dataclass(frozen=True)
+class ProgressEvent(Event):
+    """How far a long preparation has got (loading the model, tokenizing the data), so a terminal can
+    draw a bar and the window say what it waits for. ``total`` is None when unknown."""
+
+    type: ClassVar[str] = "progress"
+    stage: str = ""  # e.g. "model", "tokenizing"
+    done: int = 0
+    total: int | None = None
+    unit: str = ""  # what done/total count, e.g. "rows"
+
+
+@dataclass(frozen=True)
 class CheckpointEvent(Event):
     type: ClassVar[str] = "checkpoint"
     step: int = 0
@@ -263,6 +275,7 @@ EVENTS: dict[str, type[Event]] = {
         ChangeEvent,
         SampleEvent,
         CheckpointEvent,
+        ProgressEvent,
         WarningEvent,
         ErrorEvent,
         EndEvent,
