@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,17 @@ def write(
     return folder
 
 
+def read_config(folder: Path) -> Config:
+    """The config a checkpoint or ``final/`` folder was written with."""
+    folder = Path(folder)
+    if not (folder / "config.yaml").is_file():
+        raise ConfigError(
+            f"{folder} holds no config.yaml, so it is not a Tunedeck checkpoint or final folder",
+            "give a folder such as runs/<run>/final or runs/<run>/checkpoints/step-000200",
+        )
+    return config_mod.load(folder / "config.yaml")
+
+
 def read_state(folder: Path) -> tuple[Config, dict[str, Any]]:
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
@@ -87,6 +99,20 @@ def read_state(folder: Path) -> tuple[Config, dict[str, Any]]:
         )
     cfg = config_mod.load(folder / "config.yaml")
     return cfg, json.loads((folder / STATE_FILE).read_text())
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A checkpoint opened to resume from: its folder, its config and its trainer state."""
+
+    folder: Path
+    cfg: Config
+    state: dict[str, Any]
+
+
+def open_resume(folder: str | Path) -> Resumed:
+    cfg, state = read_state(Path(folder))
+    return Resumed(Path(folder), cfg, state)
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:

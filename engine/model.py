@@ -116,7 +116,19 @@ def quantization_config(cfg: Config, dtype: torch.dtype) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load(cfg: Config, device: torch.device | None = None) -> Loaded:
+@dataclass
+class Base:
+    """A base model as loaded, before any adapter: what training wraps and what sampling reuses."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    quantized: bool
+
+
+def load_base(cfg: Config, device: torch.device | None = None) -> Base:
+    """The model of ``cfg.model`` and its tokenizer, through ``from_pretrained``, on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -149,13 +161,19 @@ def load(cfg: Config, device: torch.device | None = None) -> Loaded:
         tokenizer.pad_token = tokenizer.eos_token
     if quant is None:
         model.to(device)
-    applied = liger.apply(model, device) if cfg.train.use_liger_kernel else liger.Applied()
-    model = wrap_for_training(model, cfg, quantized=quant is not None)
+    return Base(model=model, tokenizer=tokenizer, device=device, dtype=dtype, quantized=quant is not None)
+
+
+def load(cfg: Config, device: torch.device | None = None) -> Loaded:
+    """The base model with Liger's kernels where they apply, wrapped for LoRA, QLoRA or full training."""
+    base = load_base(cfg, device)
+    applied = liger.apply(base.model, base.device) if cfg.train.use_liger_kernel else liger.Applied()
+    model = wrap_for_training(base.model, cfg, quantized=base.quantized)
     return Loaded(
         model=model,
-        tokenizer=tokenizer,
-        device=device,
-        dtype=dtype,
+        tokenizer=base.tokenizer,
+        device=base.device,
+        dtype=base.dtype,
         liger=applied.kernels,
         liger_rope=applied.rope,
     )

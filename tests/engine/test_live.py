@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from tunedeck.engine.protocol import Cancel, Eval, Pause, Resume, Sample, Save, Set, Stop
+from tunedeck.engine.protocol import Cancel, Eval, Pause, Resume, Sample, SamplingOptions, Save, Set, Stop
 from tunedeck.engine.schedule import LRSchedule
 
 from tests.engine.helpers import make_cfg, of, run, steps
@@ -49,7 +49,7 @@ def test_accumulation_change_recounts_steps_and_keeps_progress(tmp_path):
     st = steps(events)
     assert sorted(st) == list(range(1, 9))
     assert [st[s].gradient_accumulation_steps for s in range(1, 9)] == [1] * 4 + [2] * 4
-    assert st[8].total_steps == 8 and t.pos.micro == 12
+    assert st[8].total_steps == 8 and t.plan.micro_batches_left() == 0 and t.plan.seen == 12 * 4
     auto = [c for c in of(events, "change") if c.source == "auto"]
     assert auto[0].changes == {"total_steps": [12, 8]}
     # Linear decay over 12 virtual steps; after step 4 the stride is 2: positions 4, 6, 8, 10.
@@ -226,7 +226,7 @@ def test_a_sample_prompt_is_laid_out_as_the_training_data(tmp_path):
         return generate(**kw)
 
     t.model.generate = spy
-    text = t.sample("Upper: cow", max_new_tokens=3)
+    text = t.sample("Upper: cow", SamplingOptions(max_new_tokens=3))
     assert seen == [data.prompt_ids(t.tokenizer, "messages", "Upper: cow")]
     assert t.tokenizer.decode(seen[0]) == "<|user|>\nUpper: cow\n<|assistant|>\n"
     assert of(events, "sample")[-1].text == text and of(events, "sample")[-1].prompt == "Upper: cow"
