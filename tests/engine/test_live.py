@@ -147,9 +147,13 @@ def test_sampling_does_not_change_the_run(tmp_path):
     plain, _ = run(make_cfg(tmp_path / "a", train__max_steps=5, lora__dropout=0.1))
     sampled, _ = run(
         make_cfg(tmp_path / "b", train__max_steps=5, lora__dropout=0.1),
-        at={2: [Sample(prompt="0+1=", max_new_tokens=4)]},
+        at={
+            2: [Sample(prompt="0+1=", max_new_tokens=4)],
+            3: [Sample(prompt="0+1=", max_new_tokens=6, temperature=1.2, top_p=0.9, top_k=20)],
+        },
     )
     assert [e.loss for e in of(plain, "step")] == [e.loss for e in of(sampled, "step")]
+    assert len(of(sampled, "sample")) == 2
 
 
 def test_stop_saves_and_ends(tmp_path):
