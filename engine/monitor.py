@@ -2,7 +2,7 @@
 
 Per-step memory comes from the torch CUDA allocator (no device sync: these are host-side
 counters). On the CPU there is no allocator to ask, so the step fields carry the process RSS.
-A daemon thread samples the process and, through NVML, the GPU about once a second.
+A daemon thread samples the process and the GPU (torch's NVML readers) about once a second.
 """
 
 from __future__ import annotations
@@ -33,38 +33,33 @@ def step_memory(device: torch.device) -> dict[str, float]:
     return {"mem_allocated_mb": rss, "mem_reserved_mb": rss, "mem_peak_mb": max(peak, rss)}
 
 
-class Nvml:
-    """NVML readings for one GPU; every method degrades to None where NVML is missing."""
+class GpuReadings:
+    """One GPU's utilisation, memory, power and temperature, through torch's NVML-backed readers.
 
-    def __init__(self, index: int = 0) -> None:
-        self.handle = None
+    torch maps ``device`` (an index among the visible GPUs) through CUDA_VISIBLE_DEVICES to NVML's
+    index, so with ``CUDA_VISIBLE_DEVICES=3`` device 0 reads GPU 3. Each reading degrades to None
+    where NVML is missing or the GPU does not report it.
+    """
+
+    def __init__(self, device: int) -> None:
+        self.device = device
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self.nv = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        except Exception:  # no driver, no GPU, no library: readings are simply absent
-            self.handle = None
-
-    @property
-    def ok(self) -> bool:
-        return self.handle is not None
+            self.total_mb: float | None = torch.cuda.get_device_properties(device).total_memory / MB
+        except Exception:  # no CUDA: nothing to read
+            self.total_mb = None
 
     def read(self) -> dict[str, float | None]:
-        if not self.ok:
-            return {}
-        nv, h = self.nv, self.handle
-        out: dict[str, float | None] = {}
-        for key, fn in (
-            ("gpu_util", lambda: float(nv.nvmlDeviceGetUtilizationRates(h).gpu)),
-            ("gpu_mem_used_mb", lambda: nv.nvmlDeviceGetMemoryInfo(h).used / MB),
-            ("gpu_mem_total_mb", lambda: nv.nvmlDeviceGetMemoryInfo(h).total / MB),
-            ("gpu_power_w", lambda: nv.nvmlDeviceGetPowerUsage(h) / 1000.0),
-            ("gpu_temp_c", lambda: float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))),
-        ):
+        cuda = torch.cuda
+        readers: dict[str, Callable[[], float]] = {
+            "gpu_util": lambda: float(cuda.utilization(self.device)),
+            "gpu_mem_used_mb": lambda: cuda.device_memory_used(self.device) / MB,
+            "gpu_power_w": lambda: cuda.power_draw(self.device) / 1000.0,  # NVML reports milliwatts
+            "gpu_temp_c": lambda: float(cuda.temperature(self.device)),
+        }
+        out: dict[str, float | None] = {"gpu_mem_total_mb": self.total_mb}
+        for key, read in readers.items():
             try:
-                out[key] = fn()
+                out[key] = read()
             except Exception:  # one unsupported reading must not hide the others
                 out[key] = None
         return out
@@ -77,7 +72,7 @@ class SystemSampler:
         self.emit = emit
         self.interval = interval
         self.proc = psutil.Process()
-        self.nvml = Nvml(torch.cuda.current_device() if use_gpu else 0) if use_gpu else None
+        self.gpu = GpuReadings(torch.cuda.current_device()) if use_gpu else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tunedeck-monitor", daemon=True)
 
@@ -91,7 +86,7 @@ class SystemSampler:
             self._thread.join(timeout=2)
 
     def sample(self) -> SystemEvent:
-        gpu = self.nvml.read() if self.nvml is not None else {}
+        gpu = self.gpu.read() if self.gpu is not None else {}
         return SystemEvent(
             rss_mb=self.proc.memory_info().rss / MB, cpu_percent=self.proc.cpu_percent(None), **gpu
         )

@@ -283,6 +283,7 @@ def test_nvml_readings_in_system_events(tmp_path):
     assert e.gpu_mem_total_mb and e.gpu_mem_total_mb > 1000
     assert e.gpu_mem_used_mb and e.gpu_mem_used_mb > 0
     assert e.gpu_util is not None and e.gpu_temp_c is not None
+    assert e.gpu_power_w is not None and 10 < e.gpu_power_w < 2000  # watts, not milliwatts
 
 
 # Last: compiling takes the longest, and bench/gpu_check.sh caps the whole file's time.

@@ -115,3 +115,20 @@ def test_resume_from_an_earlier_checkpoint_supersedes_later_steps_in_tensorboard
     scalars = acc.Scalars("train/loss")
     assert [e.step for e in scalars] == [1, 2, 3, 4, 5, 6]
     assert [e.value for e in scalars] == [pytest.approx(e["loss"]) for e in kept]
+
+
+def test_gpu_readings_degrade_to_none_without_a_gpu():
+    import torch
+    from tunedeck.engine.monitor import GpuReadings
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("reads a real GPU here")
+    assert GpuReadings(0).read() == {
+        "gpu_mem_total_mb": None,
+        "gpu_util": None,
+        "gpu_mem_used_mb": None,
+        "gpu_power_w": None,
+        "gpu_temp_c": None,
+    }
