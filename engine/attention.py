@@ -17,6 +17,7 @@ import inspect
 from typing import Any
 
 import torch
+
 from tunedeck.engine.packing import CU_K, CU_Q, MAX_K, MAX_Q, cu_seqlens
 
 VARLEN = "tunedeck_varlen"

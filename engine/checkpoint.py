@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from tunedeck.engine import config as config_mod
 from tunedeck.engine.config import Config
 from tunedeck.engine.errors import ConfigError

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from tunedeck.engine.errors import ConfigError
 
 OPTIM_NAMES = (

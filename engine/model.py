@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from tunedeck.engine import builtin, liger, paths
 from tunedeck.engine.config import Config
 from tunedeck.engine.errors import ConfigError, ModelError

@@ -15,6 +15,7 @@ from typing import Any
 
 import psutil
 import torch
+
 from tunedeck.engine.protocol import SystemEvent
 
 MB = 1024 * 1024

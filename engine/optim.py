@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+
 from tunedeck.engine.config import OPTIM_NAMES, TrainConfig
 from tunedeck.engine.errors import ConfigError
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from tunedeck.engine import data
 from tunedeck.engine.errors import ConfigError
 from tunedeck.engine.protocol import SamplingOptions

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
 from tunedeck.engine.config import SCHEDULER_NAMES
 from tunedeck.engine.errors import ConfigError
 

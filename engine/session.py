@@ -104,6 +104,7 @@ class TrainingSession:
 
     def _main(self) -> None:
         import torch
+
         from tunedeck.engine import checkpoint
         from tunedeck.engine.trainer import Trainer
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from tunedeck.engine import attention, checkpoint, data, liger, optim, packing, precision, sampling
 from tunedeck.engine import config as config_mod
 from tunedeck.engine import model as model_mod

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.engine.helpers import make_cfg, of, run, steps
 from tunedeck.engine import attention, builtin, optim, packing, precision
 from tunedeck.engine.protocol import Set, StepEvent, SystemEvent
 from tunedeck.engine.session import TrainingSession
-
-from tests.engine.helpers import make_cfg, of, run, steps
 
 pytestmark = pytest.mark.gpu
 
@@ -153,6 +153,7 @@ def test_liger_rope_kernel_equals_transformers_rope(llama_dir):
     import sys
 
     from transformers import AutoModelForCausalLM
+
     from tunedeck.engine import liger
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).cuda()

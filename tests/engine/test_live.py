@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from tunedeck.engine.protocol import Cancel, Eval, Pause, Resume, Sample, SamplingOptions, Save, Set, Stop
-from tunedeck.engine.schedule import LRSchedule
 
 from tests.engine.helpers import make_cfg, of, run, steps
+from tunedeck.engine.protocol import Cancel, Eval, Pause, Resume, Sample, SamplingOptions, Save, Set, Stop
+from tunedeck.engine.schedule import LRSchedule
 
 
 def lrs_of(events):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from tunedeck.engine.plan import Slice, StepPlan
 
 
@@ -24,7 +25,8 @@ def consume(plan: StepPlan) -> list[list[Slice]]:
 
 
 @pytest.mark.parametrize(
-    ("n", "b", "ga", "epochs"), [(100, 8, 1, 1), (100, 8, 3, 2), (7, 4, 2, 1.5), (50, 64, 2, 3), (33, 5, 4, 0.3)]
+    ("n", "b", "ga", "epochs"),
+    [(100, 8, 1, 1), (100, 8, 3, 2), (7, 4, 2, 1.5), (50, 64, 2, 3), (33, 5, 4, 0.3)],
 )
 def test_epoch_budget_counts_like_before_and_cuts_like_a_dataloader(n, b, ga, epochs):
     plan = StepPlan.create(n, b, ga, epochs, max_steps=-1)
@@ -85,5 +87,11 @@ def test_a_micro_batch_count_of_version_0_1_replays_to_the_same_position():
     for _ in range(5):
         live.next_step()
         live.finish_step()
-    old_state = {"micro": 10, "total_micro": 16, "step": 5, "total_steps": 8, "gradient_accumulation_steps": 2}
+    old_state = {
+        "micro": 10,
+        "total_micro": 16,
+        "step": 5,
+        "total_steps": 8,
+        "gradient_accumulation_steps": 2,
+    }
     assert StepPlan.from_micro_count(fresh, old_state) == live

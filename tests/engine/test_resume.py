@@ -4,10 +4,10 @@ import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-from tunedeck.engine import builtin, checkpoint
-from tunedeck.engine.protocol import Set
 
 from tests.engine.helpers import make_cfg, of, run, steps
+from tunedeck.engine import builtin, checkpoint
+from tunedeck.engine.protocol import Set
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from tests.engine.helpers import make_cfg, of, run
 from tunedeck.engine.errors import ConfigError
 from tunedeck.engine.protocol import SamplingOptions
 from tunedeck.engine.sampling import Sampler, generate
 from tunedeck.engine.session import TrainingSession
-
-from tests.engine.helpers import make_cfg, of, run
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,9 @@ def test_generation_asks_to_stop_between_tokens(trained):
         calls.append(1)
         return len(calls) >= 3
 
-    generate(trained.model, trained.tokenizer, "text", "ab", SamplingOptions(max_new_tokens=50), should_stop=stop)
+    generate(
+        trained.model, trained.tokenizer, "text", "ab", SamplingOptions(max_new_tokens=50), should_stop=stop
+    )
     assert len(calls) == 3
 
 

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 from transformers import get_scheduler
+
 from tunedeck.engine.config import SCHEDULER_NAMES
 from tunedeck.engine.schedule import LRSchedule, warmup_steps_for
 
@@ -120,7 +121,11 @@ def test_state_round_trips():
 @pytest.mark.parametrize(
     ("kind", "kwargs", "message"),
     [
-        ("cosine", {"foo": 1}, "train.lr_scheduler_kwargs has 'foo', which the cosine schedule does not take"),
+        (
+            "cosine",
+            {"foo": 1},
+            "train.lr_scheduler_kwargs has 'foo', which the cosine schedule does not take",
+        ),
         (
             "polynomial",
             {"power": "x"},
