@@ -29,7 +29,7 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _save_weights(model: torch.nn.Module, folder: Path) -> None:
+def _save_weights(model: Any, folder: Path) -> None:  # a PreTrainedModel or a PeftModel
     # PeftModel.save_pretrained writes only the adapter; a plain model writes its full weights.
     model.save_pretrained(folder, safe_serialization=True)
 
@@ -56,7 +56,7 @@ def write(
         config_mod.save(cfg, tmp / "config.yaml")
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            rng = {"cpu": torch.get_rng_state()}
+            rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             torch.save(rng, tmp / "rng_state.pt")

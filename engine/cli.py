@@ -262,16 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     config_error = False
     try:
         while end is None:
-            for e in session.drain():
-                printer.handle(e)
+            for event in session.drain():
+                printer.handle(event)
                 config_error |= (
-                    isinstance(e, ErrorEvent)
-                    and e.kind == "config"
+                    isinstance(event, ErrorEvent)
+                    and event.kind == "config"
                     and end is None
                     and session.run_dir is None
                 )
-                if isinstance(e, EndEvent):
-                    end = e
+                if isinstance(event, EndEvent):
+                    end = event
             if end is None:
                 time.sleep(0.05)
     finally:

@@ -143,7 +143,7 @@ def load_base(cfg: Config, device: torch.device | None = None) -> Base:
     quant = quantization_config(cfg, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
             attn_implementation=cfg.model.attn_implementation,
@@ -180,7 +180,7 @@ def load(cfg: Config, device: torch.device | None = None) -> Loaded:
     )
 
 
-def wrap_for_training(model: torch.nn.Module, cfg: Config, *, quantized: bool) -> torch.nn.Module:
+def wrap_for_training(model: Any, cfg: Config, *, quantized: bool) -> torch.nn.Module:
     model.config.use_cache = False
     if quantized:
         from peft import prepare_model_for_kbit_training
@@ -200,7 +200,7 @@ def wrap_for_training(model: torch.nn.Module, cfg: Config, *, quantized: bool) -
 
     lc = LoraConfig(
         r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
+        lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # annotated int; peft scales by alpha / r
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
         task_type="CAUSAL_LM",

@@ -11,7 +11,7 @@ import resource
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 import psutil
 import torch
@@ -34,6 +34,14 @@ def step_memory(device: torch.device) -> dict[str, float]:
     return {"mem_allocated_mb": rss, "mem_reserved_mb": rss, "mem_peak_mb": max(peak, rss)}
 
 
+class GpuSample(TypedDict):
+    gpu_util: float | None
+    gpu_mem_used_mb: float | None
+    gpu_mem_total_mb: float | None
+    gpu_power_w: float | None
+    gpu_temp_c: float | None
+
+
 class GpuReadings:
     """One GPU's utilisation, memory, power and temperature, through torch's NVML-backed readers.
 
@@ -49,21 +57,22 @@ class GpuReadings:
         except Exception:  # no CUDA: nothing to read
             self.total_mb = None
 
-    def read(self) -> dict[str, float | None]:
-        cuda = torch.cuda
-        readers: dict[str, Callable[[], float]] = {
-            "gpu_util": lambda: float(cuda.utilization(self.device)),
-            "gpu_mem_used_mb": lambda: cuda.device_memory_used(self.device) / MB,
-            "gpu_power_w": lambda: cuda.power_draw(self.device) / 1000.0,  # NVML reports milliwatts
-            "gpu_temp_c": lambda: float(cuda.temperature(self.device)),
-        }
-        out: dict[str, float | None] = {"gpu_mem_total_mb": self.total_mb}
-        for key, read in readers.items():
-            try:
-                out[key] = read()
-            except Exception:  # one unsupported reading must not hide the others
-                out[key] = None
-        return out
+    def read(self) -> GpuSample:
+        cuda, d = torch.cuda, self.device
+        return GpuSample(
+            gpu_util=_reading(lambda: float(cuda.utilization(d))),
+            gpu_mem_used_mb=_reading(lambda: cuda.device_memory_used(d) / MB),
+            gpu_mem_total_mb=self.total_mb,
+            gpu_power_w=_reading(lambda: cuda.power_draw(d) / 1000.0),  # NVML reports milliwatts
+            gpu_temp_c=_reading(lambda: float(cuda.temperature(d))),
+        )
+
+
+def _reading(read: Callable[[], float]) -> float | None:
+    try:
+        return read()
+    except Exception:  # no NVML, or a reading this GPU does not give: the others still count
+        return None
 
 
 class SystemSampler:
@@ -87,10 +96,10 @@ class SystemSampler:
             self._thread.join(timeout=2)
 
     def sample(self) -> SystemEvent:
-        gpu = self.gpu.read() if self.gpu is not None else {}
-        return SystemEvent(
-            rss_mb=self.proc.memory_info().rss / MB, cpu_percent=self.proc.cpu_percent(None), **gpu
-        )
+        rss, cpu = self.proc.memory_info().rss / MB, self.proc.cpu_percent(None)
+        if self.gpu is None:
+            return SystemEvent(rss_mb=rss, cpu_percent=cpu)
+        return SystemEvent(rss_mb=rss, cpu_percent=cpu, **self.gpu.read())
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -127,6 +127,7 @@ class Sampler:
         state_file = folder / checkpoint.STATE_FILE
         state = json.loads(state_file.read_text()) if state_file.is_file() else {}
         fmt = state.get("data_format") or (cfg.data.format if cfg.data.format != "auto" else "text")
+        model: torch.nn.Module
         if (folder / "adapter_config.json").is_file():
             from peft import PeftModel
 

@@ -17,7 +17,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -66,7 +66,8 @@ def _hf_lambda(
             f"use one of {', '.join(SCHEDULER_NAMES)}",
         )
     func = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(kind)]
-    takes = [n for n in inspect.signature(func).parameters if n not in _NOT_SETTINGS]
+    params = inspect.signature(cast(Callable[..., Any], func)).parameters
+    takes = [n for n in params if n not in _NOT_SETTINGS]
     unknown = [k for k, _ in kw if k not in takes]
     if unknown:
         raise ConfigError(
@@ -75,8 +76,13 @@ def _hf_lambda(
         )
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
     try:
+        # Steps on the virtual axis are fractional; transformers' lambdas compute in floats anyway.
         sched = get_scheduler(
-            kind, opt, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=dict(kw)
+            kind,
+            opt,
+            num_warmup_steps=warmup,  # type: ignore[arg-type]
+            num_training_steps=total,  # type: ignore[arg-type]
+            scheduler_specific_kwargs=dict(kw),
         )
         lam = sched.lr_lambdas[0]
         # Every branch of the shape once now, so a bad value fails here and not after the warm-up.

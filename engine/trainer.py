@@ -326,7 +326,7 @@ class Trainer:
         for s in self.plan.next_step():
             order = self._order(s.epoch)
             examples = [self.train_examples[order[i]] for i in range(s.start, s.stop)]
-            out.append(packing.prepare_batch(data.collate(examples, pad, packing=packed), self.varlen))
+            out.append(packing.prepare_batch(data.collate(examples, pad, packing=packed), bool(self.varlen)))
         return out
 
     def _optimizer_step(self) -> tuple[float | None, float | None, int]:
@@ -509,7 +509,7 @@ class Trainer:
                     pad,
                     packing=self.cfg.data.packing,
                 ),
-                self.varlen,
+                bool(self.varlen),
             )
             for i in range(0, n, bs)
         ]
