@@ -88,10 +88,13 @@ class ModelConfig:
     )
     load_in_4bit: bool = _f(
         False,
-        "QLoRA: store the frozen base weights in 4-bit NF4 (bitsandbytes, CUDA only). About a quarter "
-        "of the memory of bf16; the LoRA adapters still train in higher precision.",
+        "QLoRA: store the frozen base weights in 4-bit NF4 with double quantisation (bitsandbytes, on a "
+        "GPU or the CPU). About a quarter of the memory of bf16; the LoRA adapters still train in higher "
+        "precision (bf16 compute on a GPU that has it, fp32 on the CPU).",
     )
-    load_in_8bit: bool = _f(False, "Store the frozen base weights in 8 bits (bitsandbytes, CUDA only).")
+    load_in_8bit: bool = _f(
+        False, "Store the frozen base weights in 8 bits (bitsandbytes, on a GPU or the CPU)."
+    )
     gradient_checkpointing: bool = _f(
         False,
         "Keep fewer activations from the forward pass and recompute them during backpropagation: "

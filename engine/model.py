@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tunedeck.engine import builtin, liger, paths
+from tunedeck.engine import builtin, kbit, liger, paths
 from tunedeck.engine.config import Config
 from tunedeck.engine.errors import ConfigError, ModelError
 
@@ -91,20 +91,13 @@ def check_causal_lm(path: str, trust_remote_code: bool) -> None:
         )
 
 
-def quantization_config(cfg: Config, dtype: torch.dtype) -> Any:
+def quantization_config(cfg: Config, dtype: torch.dtype, device: torch.device | None = None) -> Any:
+    """bitsandbytes' settings for a 4-bit (NF4, double quantisation, computing in ``dtype``: fp32 on
+    the CPU) or 8-bit base, or None; refused with one line where bitsandbytes cannot run them."""
     if not (cfg.model.load_in_4bit or cfg.model.load_in_8bit):
         return None
     which = "model.load_in_4bit" if cfg.model.load_in_4bit else "model.load_in_8bit"
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            f"{which}=true needs a CUDA GPU (bitsandbytes)", f"set {which}=false on this machine"
-        )
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            f"{which}=true needs bitsandbytes, which is not installed", "pip install 'tunedeck[gpu]'"
-        ) from None
+    kbit.require(f"{which}=true", "layers", device or pick_device(), f"set {which}=false on this machine")
     from transformers import BitsAndBytesConfig
 
     if cfg.model.load_in_4bit:
@@ -140,7 +133,7 @@ def load_base(cfg: Config, device: torch.device | None = None) -> Base:
     dtype = resolve_dtype(cfg.model.dtype, device)
     path = resolve_path(cfg.model.name_or_path)
     check_causal_lm(path, cfg.model.trust_remote_code)
-    quant = quantization_config(cfg, dtype)
+    quant = quantization_config(cfg, dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
         model: Any = AutoModelForCausalLM.from_pretrained(
@@ -162,6 +155,8 @@ def load_base(cfg: Config, device: torch.device | None = None) -> Base:
         tokenizer.pad_token = tokenizer.eos_token
     if quant is None:
         model.to(device)
+    elif device.type == "cpu":
+        kbit.same_numbers_in_eval(model)
     return Base(model=model, tokenizer=tokenizer, device=device, dtype=dtype, quantized=quant is not None)
 
 
@@ -180,18 +175,27 @@ def load(cfg: Config, device: torch.device | None = None) -> Loaded:
     )
 
 
+def enable_gradient_checkpointing(model: Any, *, lora: bool) -> None:
+    """Recompute activations in the backward pass; also on a model already wrapped by peft (a
+    PeftModel hands the calls to its base model)."""
+    with warnings.catch_warnings():
+        # transformers 5 renames the method; the old name works and reads as HF's docs still do.
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        # The frozen embeddings' output gets requires_grad, so checkpointed blocks see a graph to redo.
+        model.enable_input_require_grads()
+
+
 def wrap_for_training(model: Any, cfg: Config, *, quantized: bool) -> torch.nn.Module:
     model.config.use_cache = False
     if quantized:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing
-        )
-    elif cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora.enabled:
-            model.enable_input_require_grads()
+        # Layer norms and the head in fp32 for stable training; checkpointing is turned on below.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model, lora=cfg.lora.enabled)
     if not cfg.lora.enabled:
         for p in model.parameters():
             p.requires_grad_(True)

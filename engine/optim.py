@@ -1,9 +1,18 @@
 """Optimizers by HF ``optim`` name, and hot-swapping one for another mid-run.
 
 Parameter groups follow HF Trainer: biases and norm weights (1-D tensors) get no weight decay.
-A swap builds the new optimizer over the same parameters; between Adam-family optimizers with
-fp32 moments the first and second moments and the step count are carried over, so the swap does
-not restart Adam's bias correction and the loss curve carries on.
+
+What a swap carries (the LR schedule always continues; the learning rate stays unless set anew):
+- between the fp32 Adam variants (``adamw_torch``, ``adamw_torch_fused``, ``paged_adamw_32bit``):
+  the first and second moments and the step count, exactly, so Adam's bias correction does not
+  restart and the loss curve carries on;
+- to or from the 8-bit ones (``adamw_8bit``, ``paged_adamw_8bit``): nothing. Their moments are
+  block-quantised to 8 bits with a per-block scale; turning fp32 moments into that (or back) would
+  be a lossy conversion that no library defines, so the new optimizer starts fresh, says so in a
+  warning, and re-warms its moments over the next steps (as a run started with it would);
+- to or from ``sgd``, ``rmsprop``, ``adafactor``: nothing (other state, or none), with the same warning.
+The bitsandbytes optimizers run wherever the installed bitsandbytes supports the device (the CPU
+included, where "paged" ones are the plain ones), see :mod:`tunedeck.engine.kbit`.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tunedeck.engine import kbit
 from tunedeck.engine.config import OPTIM_NAMES, TrainConfig
 from tunedeck.engine.errors import ConfigError
 
@@ -49,18 +59,8 @@ def set_weight_decay(opt: torch.optim.Optimizer, weight_decay: float) -> None:
 
 
 def _need_bnb(name: str) -> Any:
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            f"train.optim={name} needs a CUDA GPU (bitsandbytes)", "use adamw_torch on this machine"
-        )
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise ConfigError(
-            f"train.optim={name} needs bitsandbytes, which is not installed",
-            "pip install 'tunedeck[gpu]' or use adamw_torch",
-        ) from None
-    return bnb
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return kbit.require(f"train.optim={name}", "optimizers", device, "use adamw_torch on this machine")
 
 
 def check_available(name: str) -> None:
