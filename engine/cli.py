@@ -26,6 +26,8 @@ from tunedeck.engine.protocol import (
     ErrorEvent,
     EvalEvent,
     Event,
+    FindLR,
+    LrFindEvent,
     ProgressEvent,
     SampleEvent,
     StartEvent,
@@ -55,7 +57,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--control", metavar="FILE", help="apply JSON-line commands appended to FILE while the run goes"
     )
     p.add_argument("--quiet", action="store_true", help="print only warnings, errors and the result")
+    find = p.add_argument_group("learning-rate range test")
+    find.add_argument(
+        "--find-lr",
+        action="store_true",
+        help="instead of training, sweep the learning rate over a few steps, print the suggestion and "
+        "write <run>/lr_find.json (with --resume: on the checkpoint's state)",
+    )
+    defaults = FindLR()
+    find.add_argument(
+        "--find-lr-start", type=float, default=defaults.start_lr, metavar="LR", help="%(default)g"
+    )
+    find.add_argument("--find-lr-end", type=float, default=defaults.end_lr, metavar="LR", help="%(default)g")
+    find.add_argument("--find-lr-steps", type=int, default=defaults.steps, metavar="N", help="%(default)s")
     return p.parse_args(argv)
+
+
+def find_options(args: argparse.Namespace) -> FindLR | None:
+    if not args.find_lr:
+        return None
+    return FindLR(start_lr=args.find_lr_start, end_lr=args.find_lr_end, steps=args.find_lr_steps).check()
 
 
 def build_config(args: argparse.Namespace) -> config_mod.Config:
@@ -160,21 +181,26 @@ class Printer:
                 self._progress(e)
             case ChangeEvent():
                 text = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in e.changes.items())
-                self.say(f"change after step {e.step} ({e.source}): {text}")
+                why = f": {e.reason}" if e.reason else ""
+                self.say(f"change after step {e.step} ({e.source}): {text}{why}")
             case EvalEvent():
                 self.say(f"eval at step {e.step}: eval_loss {e.eval_loss:.4f} perplexity {e.perplexity:.2f}")
             case CheckpointEvent():
                 self.say(f"checkpoint at step {e.step}: {e.path}")
             case SampleEvent():
                 self.say(f"sample at step {e.step}: {e.prompt!r} -> {e.text!r}")
+            case LrFindEvent():
+                self._lr_find(e)
             case StateEvent(state="paused"):
                 self.say("paused")
 
     def _start(self, e: StartEvent) -> None:
         m, d = e.model, e.data
+        n = m.get("threads") if m.get("device") == "cpu" else None
+        threads = f" ({n} thread{'s' if n != 1 else ''})" if n else ""
         self.say(
             f"run {e.run_id}: {m.get('params_trainable', 0):,} of {m.get('params_total', 0):,} parameters "
-            f"trainable, {m.get('dtype')} on {m.get('device')}; {d.get('train_examples')} train / "
+            f"trainable, {m.get('dtype')} on {m.get('device')}{threads}; {d.get('train_examples')} train / "
             f"{d.get('eval_examples')} eval examples; {e.total_steps} steps -> {e.run_dir}"
         )
         for line in (e.fast_paths(), e.compile_note()):
@@ -201,6 +227,23 @@ class Printer:
             f"accum {e.gradient_accumulation_steps} tok/s {e.tokens_per_s:,.0f} "
             f"step_time {e.step_time_s * 1000:.1f}ms"
         )
+
+    def _lr_find(self, e: LrFindEvent) -> None:
+        """The curve in about ten rows, then the suggestions and how to use them."""
+        self.say(f"lr_find at step {e.step}: {len(e.lrs)} steps, {e.stopped}")
+        every = max(1, len(e.lrs) // 10)
+        for i in sorted({*range(0, len(e.lrs), every), len(e.lrs) - 1} if e.lrs else set()):
+            self.say(f"  lr {e.lrs[i]:.2e}  loss {e.losses[i]:.4f}  smoothed {e.smoothed[i]:.4f}")
+        if e.suggestion is None:
+            self.say("lr_find: no suggestion (the loss did not fall); widen the range or add steps")
+        else:
+            self.say(
+                f"lr_find: suggested learning_rate {e.suggestion:.2e} (steepest descent of the smoothed "
+                f"loss); minimum/10 rule: {e.lr_min_div_10:.2e}"
+            )
+            self.say(f"  use it: --set train.learning_rate={e.suggestion:.2e}")
+        if e.path:
+            self.say(f"  curve: {e.path}")
 
     def _progress(self, e: ProgressEvent) -> None:
         """A bar on a terminal; elsewhere one line when a preparation starts and one when it ends."""
@@ -234,13 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(args)
         preflight(cfg)
+        find = find_options(args)
     except TunedeckError as e:
         print(f"tunedeck-train: error: {e.one_line()}", file=sys.stderr)
         return 2
     from tunedeck.engine.session import TrainingSession
 
     printer = Printer(args.quiet, sys.stderr if sys.stderr.isatty() else sys.stdout)
-    session = TrainingSession(cfg, resume_from=args.resume)
+    session = TrainingSession(cfg, resume_from=args.resume, find_lr_only=find)
     interrupts = {"n": 0}
 
     def on_sigint(signum: int, frame: Any) -> None:

@@ -52,6 +52,7 @@ LIVE_KEYS = (
     "learning_rate",
     "lr_scheduler_type",
     "gradient_accumulation_steps",
+    "per_device_train_batch_size",
     "optim",
     "max_grad_norm",
     "weight_decay",
@@ -183,7 +184,9 @@ class TrainConfig:
         OPTIM_NAMES,
     )
     per_device_train_batch_size: int = _f(
-        4, "Examples per forward/backward pass. Memory grows with it; raise accumulation instead if short."
+        4,
+        "Examples per forward/backward pass. Memory grows with it; raise accumulation instead if short. "
+        "Live: the next step takes the new size, and the data goes on from the same example.",
     )
     per_device_eval_batch_size: int = _f(8, "Examples per forward pass when evaluating.")
     gradient_accumulation_steps: int = _f(

@@ -31,6 +31,34 @@ BNB_OPTIMS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 ADAM_FP32 = ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit")
 
 
+# The learning rates each optimizer usually trains at when fine-tuning (LoRA or full): Adam's kind
+# scales each weight's step by its gradient history, plain SGD (no momentum, as HF's "sgd") does not
+# and needs steps a hundred times larger.
+_ADAM_LR = (1e-6, 1e-2)
+USUAL_LR: dict[str, tuple[float, float]] = {
+    "adamw_torch": _ADAM_LR,
+    "adamw_torch_fused": _ADAM_LR,
+    "adamw_8bit": _ADAM_LR,
+    "paged_adamw_8bit": _ADAM_LR,
+    "paged_adamw_32bit": _ADAM_LR,
+    "rmsprop": _ADAM_LR,
+    "adafactor": (1e-5, 1e-2),
+    "sgd": (1e-2, 5e-1),
+}
+
+
+def lr_out_of_range(name: str, lr: float) -> str | None:
+    """A note when ``lr`` lies outside ``name``'s usual range (None inside it)."""
+    lo, hi = USUAL_LR.get(name, (0.0, float("inf")))
+    if lo <= lr <= hi:
+        return None
+    if lr < lo:
+        return f"learning_rate {lr:g} is below the usual range for {name} ({lo:g} to {hi:g}): training will barely move"
+    return (
+        f"learning_rate {lr:g} is above the usual range for {name} ({lo:g} to {hi:g}): training may diverge"
+    )
+
+
 def actual_name(name: str, device: torch.device) -> str:
     """The optimizer actually built for ``name``: AdamW's fused kernel on CUDA (HF's own default for
     ``adamw_torch`` there is the same algorithm, foreach, in more kernels)."""

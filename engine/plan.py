@@ -110,6 +110,15 @@ class StepPlan:
         self.batch_size = batch_size
         return self._recount()
 
+    def rebatch(self, batch_size: int, accumulation: int) -> dict[str, list[int]]:
+        """The same effective batch (``batch_size x accumulation`` unchanged) in micro-batches of another
+        size: each step takes as many examples as before, and the steps left stay. Under ``max_steps``
+        the micro-batches left are rescaled to that end (``set_batch_size`` alone keeps their count)."""
+        if self.micro_left is not None:
+            self.micro_left = math.ceil(self.micro_left * self.batch_size / batch_size)
+        self.batch_size, self.accumulation = batch_size, accumulation
+        return self._recount()
+
     def _recount(self) -> dict[str, list[int]]:
         old = self.total_steps
         self.total_steps = self.step + max(1, self.steps_left())
@@ -119,6 +128,11 @@ class StepPlan:
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Back to ``state`` in place, so every holder of this plan sees it (a step redone)."""
+        for name, value in asdict(StepPlan.from_state(state)).items():
+            setattr(self, name, value)
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> StepPlan:

@@ -98,6 +98,30 @@ class Sample(Command):
 
 
 @dataclass(frozen=True)
+class FindLR(Command):
+    """A learning-rate range test on the run as it is now (before the first step, or while paused):
+    ``steps`` optimizer steps with the learning rate rising exponentially from ``start_lr`` to
+    ``end_lr``, stopped early when the loss diverges; then everything is put back as it was."""
+
+    name: ClassVar[str] = "find_lr"
+    start_lr: float = 1e-7
+    end_lr: float = 1.0
+    steps: int = 100
+
+    def check(self) -> FindLR:
+        """Refuse out-of-range values with one line each; return self."""
+        rules = (
+            ("start_lr", 0.0 < self.start_lr < self.end_lr, "above 0 and below end_lr"),
+            ("end_lr", self.end_lr <= 10.0, "at most 10"),
+            ("steps", 5 <= self.steps <= 1000, "a whole number from 5 to 1000"),
+        )
+        for key, ok, allowed in rules:
+            if not ok:
+                raise ConfigError(f"find_lr {key}={getattr(self, key)!r} is out of range", f"give {allowed}")
+        return self
+
+
+@dataclass(frozen=True)
 class Stop(Command):
     """Finish the current step, save, end."""
 
@@ -112,7 +136,7 @@ class Cancel(Command):
 
 
 COMMANDS: dict[str, type[Command]] = {
-    c.name: c for c in (Set, Pause, Resume, Save, Eval, Sample, Stop, Cancel)
+    c.name: c for c in (Set, Pause, Resume, Save, Eval, Sample, FindLR, Stop, Cancel)
 }
 
 
@@ -155,6 +179,13 @@ def command_from_dict(data: dict[str, Any]) -> Command:
         command = Sample(**rest)
         command.options().check()
         return command
+    if name == "find_lr":
+        for key, value in rest.items():
+            whole = key == "steps"
+            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+                what = "a whole number" if whole else "a number"
+                raise ConfigError(f"find_lr {key}={value!r} is not {what}", f"give {key} {what}")
+        return FindLR(**rest).check()
     return cls(**rest)
 
 
@@ -252,7 +283,8 @@ class ChangeEvent(Event):
     type: ClassVar[str] = "change"
     step: int = 0
     changes: dict[str, list[Any]] = field(default_factory=dict)
-    source: str = "user"  # user | auto
+    source: str = "user"  # user | auto | resume | autopilot
+    reason: str = ""  # why the engine made it (auto, autopilot)
 
 
 @dataclass(frozen=True)
@@ -273,6 +305,24 @@ class ProgressEvent(Event):
     done: int = 0
     total: int | None = None
     unit: str = ""  # what done/total count, e.g. "rows"
+
+
+@dataclass(frozen=True)
+class LrFindEvent(Event):
+    """A learning-rate range test's curve: the loss of each sweep step at its learning rate, the
+    smoothed loss, and the suggestions (``suggestion``: steepest descent of the smoothed loss;
+    ``lr_min_div_10``: the learning rate of its minimum, divided by 10). ``stopped`` says why the
+    sweep ended: completed, diverged or cancelled."""
+
+    type: ClassVar[str] = "lr_find"
+    step: int = 0  # the run's step it was measured at
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    suggestion: float | None = None
+    lr_min_div_10: float | None = None
+    stopped: str = "completed"
+    path: str = ""  # <run>/lr_find.json
 
 
 @dataclass(frozen=True)
@@ -316,6 +366,7 @@ EVENTS: dict[str, type[Event]] = {
         EvalEvent,
         ChangeEvent,
         SampleEvent,
+        LrFindEvent,
         CheckpointEvent,
         ProgressEvent,
         WarningEvent,

@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 from tunedeck.engine.config import Config
 from tunedeck.engine.errors import TunedeckError
 from tunedeck.engine.monitor import SystemSampler
-from tunedeck.engine.protocol import Cancel, Command, EndEvent, ErrorEvent, Event, command_from_dict
+from tunedeck.engine.protocol import (
+    Cancel,
+    Command,
+    EndEvent,
+    ErrorEvent,
+    Event,
+    FindLR,
+    command_from_dict,
+)
 from tunedeck.engine.sinks import RunLog, default_sinks
 
 if TYPE_CHECKING:
@@ -30,16 +38,27 @@ class TrainingSession:
     ``config`` may be None when ``resume_from`` is given: the run then continues with the config
     stored in the checkpoint, live changes included. ``system_interval`` is the period of the
     system sampler in seconds; 0 turns it off (with ``train.logging_steps`` above 1, monitoring off).
+    ``leave_a_core_free``: on the CPU, train on all cores but one; a window in the same process sets
+    it, so its event loop keeps a core (headless, every core trains). ``find_lr_only``: set up, run
+    that learning-rate range test (an ``lr_find`` event and ``<run>/lr_find.json``) and end, untrained.
     """
 
     def __init__(
-        self, config: Config | None, resume_from: str | Path | None = None, *, system_interval: float = 1.0
+        self,
+        config: Config | None,
+        resume_from: str | Path | None = None,
+        *,
+        system_interval: float = 1.0,
+        leave_a_core_free: bool = False,
+        find_lr_only: FindLR | None = None,
     ) -> None:
         if config is None and resume_from is None:
             raise ValueError("a TrainingSession needs a config or a checkpoint to resume from")
         self.config = config
         self.resume_from = resume_from
         self.system_interval = system_interval
+        self.leave_a_core_free = leave_a_core_free
+        self.find_lr_only = find_lr_only
         self._events: queue.Queue[Event] = queue.Queue()
         self._commands: queue.Queue[Command] = queue.Queue()
         self._cancel = threading.Event()
@@ -113,7 +132,14 @@ class TrainingSession:
             resume = checkpoint.open_resume(self.resume_from) if self.resume_from is not None else None
             config = self.config if self.config is not None else resume.cfg  # type: ignore[union-attr]
             self._trainer = Trainer(
-                config, self._emit, self._commands, resume, on_run_dir=self._set_run_dir, cancel=self._cancel
+                config,
+                self._emit,
+                self._commands,
+                resume,
+                on_run_dir=self._set_run_dir,
+                cancel=self._cancel,
+                leave_a_core_free=self.leave_a_core_free,
+                find_lr_only=self.find_lr_only,
             )
             if self.system_interval > 0:  # 0 turns the system sampler off
                 monitor = SystemSampler(

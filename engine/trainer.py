@@ -24,7 +24,18 @@ from typing import Any
 
 import torch
 
-from tunedeck.engine import attention, checkpoint, data, liger, optim, packing, precision, sampling
+from tunedeck.engine import (
+    attention,
+    checkpoint,
+    data,
+    liger,
+    lr_find,
+    oom,
+    optim,
+    packing,
+    precision,
+    sampling,
+)
 from tunedeck.engine import config as config_mod
 from tunedeck.engine import model as model_mod
 from tunedeck.engine.config import LIVE_KEYS, Config, validate_value
@@ -41,6 +52,8 @@ from tunedeck.engine.protocol import (
     Eval,
     EvalEvent,
     Event,
+    FindLR,
+    LrFindEvent,
     Pause,
     ProgressEvent,
     Resume,
@@ -69,7 +82,9 @@ NAN_ADVICE = (
 class Trainer:
     """One run. ``cfg`` is the run's whole config (for a resume, the checkpoint's, with any changes);
     ``resume`` the checkpoint it continues. ``cancel``, when set, ends the run at the next boundary
-    and stops a generation between tokens, ahead of any queued command."""
+    and stops a generation between tokens, ahead of any queued command. ``leave_a_core_free``: on the
+    CPU, train on all cores but one, for a window that shares the process. ``find_lr_only``: after
+    setting up, run that learning-rate range test instead of training, and end."""
 
     def __init__(
         self,
@@ -79,6 +94,8 @@ class Trainer:
         resume: checkpoint.Resumed | None = None,
         on_run_dir: Callable[[Path], None] | None = None,
         cancel: threading.Event | None = None,
+        leave_a_core_free: bool = False,
+        find_lr_only: FindLR | None = None,
     ) -> None:
         self.cfg = cfg
         self.emit = emit
@@ -86,6 +103,8 @@ class Trainer:
         self.resume = resume
         self.on_run_dir = on_run_dir
         self.cancel = cancel or threading.Event()
+        self.leave_a_core_free = leave_a_core_free
+        self.find_lr_only = find_lr_only
         self.state = "loading"
         self.plan: StepPlan | None = None
         self.change_log: list[dict[str, Any]] = []
@@ -96,6 +115,7 @@ class Trainer:
         self.compiled: str | None = None
         self._order_epoch = -1
         self._order_cache: list[int] = []
+        self.healer = oom.Healer(self)
 
     @property
     def step(self) -> int:
@@ -109,7 +129,7 @@ class Trainer:
         try:
             self._set_state("loading")
             self.setup()
-            status = self.train()
+            status = self.train() if self.find_lr_only is None else self._find_lr_and_end(self.find_lr_only)
         except TunedeckError as e:
             self.emit(ErrorEvent(message=e.message, kind=e.kind, advice=e.advice))
         except torch.OutOfMemoryError:
@@ -119,7 +139,7 @@ class Trainer:
             )
         output = None
         if status in ("completed", "stopped") and self.run_dir is not None:
-            output = str(self.run_dir / "final")
+            output = str(self.run_dir / ("final" if self.find_lr_only is None else lr_find.RESULT_FILE))
         self._set_state("finished")
         return EndEvent(status=status, step=self.step, output=output)
 
@@ -147,9 +167,10 @@ class Trainer:
     def _setup_model(self) -> None:
         self.emit(ProgressEvent(stage="model", done=0, total=1))
         self.loaded = model_mod.load(self.cfg)
-        if self.loaded.device.type == "cpu":
+        if self.loaded.device.type == "cpu" and self.leave_a_core_free:
             _leave_a_core_free()
         self.model, self.tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
+        oom.install_fault(self.model)
         self.varlen = attention.enable_varlen(
             self.model, self.cfg.data.packing, self.device, self.loaded.dtype
         )
@@ -253,6 +274,7 @@ class Trainer:
                 "compiled": self.compiled,
                 "attention": f"{attention.VARLEN} ({self.varlen})" if self.varlen else attn,
                 "optimizer": optim.actual_name(self.cfg.train.optim, self.device),
+                "threads": torch.get_num_threads(),
             },
             data=self.data_info,
             total_steps=self.plan.total_steps,
@@ -286,7 +308,7 @@ class Trainer:
             if verdict is not None:
                 return self._finish(verdict)
             began = time.perf_counter()
-            loss, grad_norm, tokens = self._optimizer_step()
+            loss, grad_norm, tokens = self.healer.run(self._optimizer_step)
             if loss is None:
                 continue  # non-finite: the run was paused, nothing was updated
             # The loss read inside the step synchronised the device, so this is the step's true time.
@@ -295,7 +317,8 @@ class Trainer:
             self.step_time_ema = step_time if first else 0.9 * self.step_time_ema + 0.1 * step_time
             if plan.step % t.logging_steps == 0 or plan.done:
                 self._emit_step(loss, grad_norm, tokens, step_time)
-            if t.eval_steps and plan.step % t.eval_steps == 0 and len(self.eval_examples):
+            # At the end too, as HF Trainer and TRL do, so a run's last word is an eval loss.
+            if t.eval_steps and (plan.step % t.eval_steps == 0 or plan.done) and len(self.eval_examples):
                 self.evaluate()
             if t.save_steps and plan.step % t.save_steps == 0 and not plan.done:
                 self.save_checkpoint()
@@ -363,7 +386,8 @@ class Trainer:
         lr = self.schedule.lr()
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        self.optimizer.step()
+        with self.healer.updating():
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.last_lr = lr
         self.schedule.advance()
@@ -434,6 +458,13 @@ class Trainer:
                     self.evaluate()
                 case Sample():
                     self.sample(cmd.prompt, cmd.options())
+                case FindLR():
+                    _require(
+                        self.state == "paused" or self.step == 0,
+                        "find_lr: the run is training",
+                        "send pause first (find_lr runs before the first step or while paused)",
+                    )
+                    self.find_lr(cmd)
                 case _:
                     raise ConfigError(f"unknown command {cmd!r}", "see DESIGN.md for commands")
         except TunedeckError as e:
@@ -461,11 +492,18 @@ class Trainer:
             self.schedule.set_base_lr(checked["learning_rate"])
         if "lr_scheduler_type" in changes:
             self.schedule.switch(checked["lr_scheduler_type"], t.lr_scheduler_kwargs)
-        if "gradient_accumulation_steps" in changes:
-            auto = self.plan.set_accumulation(checked["gradient_accumulation_steps"])
-            self.schedule.respread(self.plan.total_steps - self.plan.step)
+        if "gradient_accumulation_steps" in changes or "per_device_train_batch_size" in changes:
+            auto = self._replan(
+                checked.get("per_device_train_batch_size", self.plan.batch_size),
+                checked.get("gradient_accumulation_steps", self.plan.accumulation),
+            )
         if "optim" in changes:
-            self._swap_optimizer(t.optim, checked["optim"], checked.get("weight_decay", t.weight_decay))
+            self._swap_optimizer(
+                t.optim,
+                checked["optim"],
+                checked.get("weight_decay", t.weight_decay),
+                checked.get("learning_rate", t.learning_rate),
+            )
         if "weight_decay" in changes:
             optim.set_weight_decay(self.optimizer, checked["weight_decay"])
         for k, v in checked.items():
@@ -474,24 +512,45 @@ class Trainer:
         if auto:
             self._record(auto, "auto")
 
-    def _swap_optimizer(self, old: str, new: str, weight_decay: float) -> None:
+    def _replan(self, batch_size: int, accumulation: int) -> dict[str, list[Any]]:
+        """New micro-batch size and accumulation from the next step; the steps left are recounted and
+        the schedule re-anchored where their count changed. Returns the change of ``total_steps``."""
+        assert self.plan is not None
+        plan, before = self.plan, self.plan.total_steps
+        if batch_size * accumulation == plan.batch_size * plan.accumulation:
+            plan.rebatch(batch_size, accumulation)  # the same effective batch: the same steps
+        else:
+            plan.set_batch_size(batch_size)
+            plan.set_accumulation(accumulation)
+        if plan.total_steps == before:
+            return {}
+        self.schedule.respread(plan.total_steps - plan.step)
+        return {"total_steps": [before, plan.total_steps]}
+
+    def _swap_optimizer(self, old: str, new: str, weight_decay: float, lr: float) -> None:
         actual = optim.actual_name
         self.optimizer, carried = optim.swap(
             self.optimizer, actual(old, self.device), actual(new, self.device), self.cfg.train, weight_decay
         )
+        notes, advice = [], ""
         if not carried and self.step:
+            notes.append("optimizer state starts fresh (moments carry over only between fp32 Adam variants)")
+        off = optim.lr_out_of_range(new, lr)
+        if off is not None:
+            notes.append(off)
+            lo, hi = optim.USUAL_LR[new]
+            advice = f"set learning_rate between {lo:g} and {hi:g}; find_lr measures it for this model"
+        if notes:
             self.emit(
-                WarningEvent(
-                    message=f"{old} -> {new}: optimizer state starts fresh "
-                    "(moments carry over only between fp32 Adam variants)",
-                    kind="config",
-                    advice="",
-                )
+                WarningEvent(message=f"{old} -> {new}: " + "; ".join(notes), kind="config", advice=advice)
             )
 
-    def _record(self, changes: dict[str, list[Any]], source: str) -> None:
-        self.change_log.append({"step": self.step, "changes": changes, "source": source})
-        self.emit(ChangeEvent(step=self.step, changes=changes, source=source))
+    def _record(self, changes: dict[str, list[Any]], source: str, reason: str = "") -> None:
+        entry: dict[str, Any] = {"step": self.step, "changes": changes, "source": source}
+        if reason:
+            entry["reason"] = reason
+        self.change_log.append(entry)
+        self.emit(ChangeEvent(step=self.step, changes=changes, source=source, reason=reason))
 
     # ------------------------------------------------------------ eval / sample / save
 
@@ -535,6 +594,17 @@ class Trainer:
         )
         self.emit(SampleEvent(step=self.step, prompt=prompt, text=text))
         return text
+
+    def find_lr(self, options: FindLR) -> LrFindEvent:
+        """A learning-rate range test on the run as it is; the run is left exactly as it was."""
+        event = lr_find.find(self, options)
+        self.emit(event)
+        return event
+
+    def _find_lr_and_end(self, options: FindLR) -> str:
+        self._set_state("running")
+        self.find_lr(options)
+        return "cancelled" if self.cancel.is_set() else "completed"
 
     def sampler(self) -> sampling.Sampler | None:
         """The model as it is now, for generation after the run (None when it never loaded)."""
@@ -618,8 +688,9 @@ def _require(ok: bool, message: str, advice: str) -> None:
 def _leave_a_core_free() -> None:
     """On the CPU, train on all cores but one unless the user chose a thread count.
 
-    The GUI's event loop (or the CLI's) shares the machine with the training thread; with every core
-    busy in torch's OpenMP pool, a 2-core machine stalls both, and steps get several times slower.
+    A window's event loop shares the process with the training thread; with every core busy in
+    torch's OpenMP pool, a 2-core machine stalls both, and steps get several times slower. Headless
+    (the CLI, whose loop only sleeps and prints), every core trains.
     """
     cores = os.cpu_count() or 1
     if cores > 1 and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() >= cores:

@@ -40,7 +40,8 @@ SessionFactory = Callable[..., Any]
 def default_factory(config, resume_from=None):
     from tunedeck.engine.session import TrainingSession  # imported late: it pulls in torch
 
-    return TrainingSession(config, resume_from=resume_from)
+    # The window's event loop shares this process: on the CPU it keeps a core of its own.
+    return TrainingSession(config, resume_from=resume_from, leave_a_core_free=True)
 
 
 class SessionBridge(QObject):

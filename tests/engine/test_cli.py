@@ -28,6 +28,7 @@ def test_demo_run_completes_and_writes_the_run_folder(tmp_path, capsys):
     assert signal.getsignal(signal.SIGINT) is before  # the CLI gives the handler back
     lines = out.splitlines()
     run_line = next(i for i, x in enumerate(lines) if x.startswith("run r:"))
+    assert "float32 on cpu (1 thread); " in lines[run_line]  # conftest sets torch to 1 thread
     assert lines[run_line + 1] == "sdpa attention, adamw_torch optimizer"
     assert "step 5/5 loss" in out and "completed at step 5" in out
     run = tmp_path / "r"

@@ -130,7 +130,7 @@ def test_yaml_round_trip_and_presets(tmp_path):
     assert q.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def test_oom_is_reported_with_advice_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+def test_oom_that_does_not_heal_ends_with_advice_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     from tunedeck.engine.trainer import Trainer
 
     real = Trainer._optimizer_step
@@ -143,8 +143,18 @@ def test_oom_is_reported_with_advice_and_keeps_the_last_checkpoint(tmp_path, mon
     monkeypatch.setattr(Trainer, "_optimizer_step", step)
     events, t = run(make_cfg(tmp_path, train__max_steps=10, train__save_steps=2))
     err = failure(events)
-    assert err.kind == "oom" and err.message == "out of memory at step 4"
-    assert "gradient_accumulation_steps" in err.advice and "load_in_4bit" in err.advice
+    # Healing was tried first (batch 4 -> 2 -> 1, then gradient checkpointing), each a change at step 3.
+    assert [(c.step, c.source, list(c.changes)) for c in of(events, "change")] == [
+        (3, "auto", ["per_device_train_batch_size", "gradient_accumulation_steps"]),
+        (3, "auto", ["per_device_train_batch_size", "gradient_accumulation_steps"]),
+        (3, "auto", ["gradient_checkpointing"]),
+    ]
+    assert err.kind == "oom" and err.message == (
+        "out of memory in step 4 at batch 1 with gradient checkpointing "
+        "(CUDA out of memory. Tried to allocate 2.00 GiB)"
+    )
+    assert "data.max_length" in err.advice and "load_in_4bit" in err.advice
+    assert events[-1].step == 3
     ckpt = t.run_dir / "checkpoints" / "step-000002"
     assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "optimizer.pt").is_file()
     assert not (t.run_dir / "final").exists()

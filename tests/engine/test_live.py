@@ -84,11 +84,83 @@ def test_swap_moments_are_identical_right_after_the_swap(tmp_path):
     assert not carried_sgd
 
 
-def test_swap_to_sgd_warns_that_state_starts_fresh(tmp_path):
+def test_swap_to_sgd_warns_that_state_starts_fresh_and_the_lr_is_adam_sized(tmp_path):
     events, t = run(make_cfg(tmp_path, train__max_steps=5), at={2: [Set({"optim": "sgd"})]})
     assert isinstance(t.optimizer, torch.optim.SGD)
-    assert any("starts fresh" in w.message for w in of(events, "warning"))
+    (warning,) = of(events, "warning")
+    assert warning.message == (
+        "adamw_torch -> sgd: optimizer state starts fresh (moments carry over only between fp32 Adam "
+        "variants); learning_rate 0.003 is below the usual range for sgd (0.01 to 0.5): training will "
+        "barely move"
+    )
+    assert warning.advice == "set learning_rate between 0.01 and 0.5; find_lr measures it for this model"
     assert of(events, "end")[0].status == "completed"
+
+
+def test_swap_to_sgd_with_an_sgd_sized_lr_and_back_to_adam(tmp_path):
+    events, _ = run(
+        make_cfg(tmp_path, train__max_steps=5),
+        at={2: [Set({"optim": "sgd", "learning_rate": 0.05})], 3: [Set({"optim": "adamw_torch"})]},
+    )
+    assert [w.message for w in of(events, "warning")] == [
+        "adamw_torch -> sgd: optimizer state starts fresh (moments carry over only between fp32 Adam variants)",
+        "sgd -> adamw_torch: optimizer state starts fresh (moments carry over only between fp32 Adam "
+        "variants); learning_rate 0.05 is above the usual range for adamw_torch (1e-06 to 0.01): training "
+        "may diverge",
+    ]
+
+
+def test_batch_size_changes_live_and_the_data_goes_on_from_the_same_example(tmp_path, monkeypatch):
+    """An epoch of 24 examples at batch 4 (6 steps); from step 3 on batch 3: the 16 examples left in
+    6 micro-batches (3, 3, 3, 3, 3, 1), so 8 steps in all, and every example once, in order."""
+    import json
+
+    from tunedeck.engine.plan import StepPlan
+
+    words = ["cat", "dog", "sun", "sky", "sea", "owl", "elk", "yak", "ant", "bee", "cow", "hen"]
+    rows = [
+        {"prompt": f"{op}: {w}\n", "completion": w[::-1] if op == "Reverse" else w.upper()}
+        for op in ("Upper", "Reverse")
+        for w in words
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    taken = []
+    real = StepPlan.next_step
+
+    def spy(self):
+        out = real(self)
+        taken.append(out)
+        return out
+
+    monkeypatch.setattr(StepPlan, "next_step", spy)
+    cfg = make_cfg(tmp_path, data__path=str(path), data__eval_fraction=0.0, train__max_steps=-1)
+    events, t = run(cfg, at={2: [Set({"per_device_train_batch_size": 3})]})
+    st = steps(events)
+    assert sorted(st) == list(range(1, 9)) and st[8].total_steps == 8
+    assert [[s.stop - s.start for s in step] for step in taken] == [[4], [4]] + [[3]] * 5 + [[1]]
+    flat = [i for step in taken for s in step for i in range(s.start, s.stop)]
+    assert flat == list(range(24)) and {s.epoch for step in taken for s in step} == {0}
+    assert [(c.changes, c.source) for c in of(events, "change")] == [
+        ({"per_device_train_batch_size": [4, 3]}, "user"),
+        ({"total_steps": [6, 8]}, "auto"),
+    ]
+    assert t.cfg.train.per_device_train_batch_size == 3 and t.plan.seen == 24
+
+
+def test_keeping_the_effective_batch_keeps_the_steps_and_the_updates(tmp_path):
+    """Batch 4 x 1 -> 2 x 2 after step 3 under max_steps: still 8 steps, the same examples per step, and
+    (no dropout) the same losses as the unchanged run up to fp32 rounding."""
+    kw = dict(train__max_steps=8, lora__dropout=0.0)
+    plain, p = run(make_cfg(tmp_path / "a", **kw))
+    same = Set({"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2})
+    events, t = run(make_cfg(tmp_path / "b", **kw), at={3: [same]})
+    a, b = steps(plain), steps(events)
+    assert sorted(b) == list(range(1, 9)) and t.plan.seen == p.plan.seen == 32
+    assert [b[s].gradient_accumulation_steps for s in b] == [1] * 3 + [2] * 5
+    assert max(abs(a[s].loss - b[s].loss) for s in a) < 1e-5
+    (change,) = of(events, "change")  # no total_steps change
+    assert change.changes == {"per_device_train_batch_size": [4, 2], "gradient_accumulation_steps": [1, 2]}
 
 
 def test_grad_norm_clip_and_weight_decay_apply_live(tmp_path):
@@ -104,7 +176,7 @@ def test_grad_norm_clip_and_weight_decay_apply_live(tmp_path):
 def test_eval_and_save_intervals_change_live(tmp_path):
     cfg = make_cfg(tmp_path, train__max_steps=8, data__eval_fraction=0.05)
     events, t = run(cfg, at={2: [Set({"eval_steps": 3, "save_steps": 4})]})
-    assert [e.step for e in of(events, "eval")] == [3, 6]
+    assert [e.step for e in of(events, "eval")] == [3, 6, 8]  # and at the end, as HF Trainer
     ckpts = [e.step for e in of(events, "checkpoint")]
     assert (
         ckpts[:1] == [4]
@@ -118,16 +190,16 @@ def test_refused_set_changes_nothing(tmp_path):
         at={
             2: [
                 Set({"learning_rate": -1, "weight_decay": 0.1}),
-                Set({"per_device_train_batch_size": 2}),
-                Set({"optim": "adamw_8bit"}),
+                Set({"seed": 3}),
+                Set({"per_device_train_batch_size": 0, "learning_rate": 1e-3}),
             ]
         },
     )
     errors = of(events, "error")
     assert len(errors) == 3
     assert "train.learning_rate=-1.0 is out of range" in errors[0].message
-    assert "per_device_train_batch_size cannot be changed while a run goes" in errors[1].message
-    assert "adamw_8bit needs a CUDA GPU" in errors[2].message
+    assert "seed cannot be changed while a run goes" in errors[1].message
+    assert errors[2].message == "train.per_device_train_batch_size=0 is out of range"
     assert not of(events, "change")
     assert t.cfg.train.weight_decay == 0.0 and t.cfg.train.learning_rate == 3e-3
     assert of(events, "end")[0].status == "completed"

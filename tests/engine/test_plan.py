@@ -95,3 +95,34 @@ def test_a_micro_batch_count_of_version_0_1_replays_to_the_same_position():
         "gradient_accumulation_steps": 2,
     }
     assert StepPlan.from_micro_count(fresh, old_state) == live
+
+
+@pytest.mark.parametrize("max_steps", [12, -1])
+def test_the_same_effective_batch_in_smaller_pieces_keeps_the_steps_and_their_examples(max_steps):
+    """4 x 1 -> 2 x 2 after 3 steps: each step still takes the next 4 examples, and the steps left
+    stay (under max_steps the micro-batches left double rather than the steps halving)."""
+    plan = StepPlan.create(48, 4, 1, 1, max_steps=max_steps)
+    before = StepPlan.from_state(plan.state_dict())
+    for p in (plan, before):
+        for _ in range(3):
+            p.next_step()
+            p.finish_step()
+    assert plan.rebatch(2, 2) == {} and plan.total_steps == 12
+    rest, unchanged = consume(plan), consume(before)
+    assert len(rest) == len(unchanged) == 9
+    for halves, whole in zip(rest, unchanged, strict=True):
+        assert [(s.start, s.stop) for s in halves] == [
+            (whole[0].start, whole[0].start + 2),
+            (whole[0].start + 2, whole[0].stop),
+        ]
+
+
+def test_a_plan_goes_back_to_a_state_in_place():
+    plan = StepPlan.create(30, 4, 2, 1.5, max_steps=-1)
+    same = plan
+    saved = plan.state_dict()
+    plan.next_step()
+    plan.finish_step()
+    plan.set_batch_size(3)
+    plan.load_state_dict(saved)
+    assert same is plan and plan.state_dict() == saved

@@ -116,3 +116,31 @@ def test_gpu_readings_degrade_to_none_without_a_gpu():
         "gpu_power_w": None,
         "gpu_temp_c": None,
     }
+
+
+def test_a_core_is_left_free_only_where_a_window_shares_the_process(tmp_path, monkeypatch):
+    import os
+
+    import pytest
+    import torch
+
+    cores = os.cpu_count() or 1
+    if cores < 2:
+        pytest.skip("needs 2 cores")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    seen = {}
+    try:
+        for window in (False, True):
+            torch.set_num_threads(cores)
+            s = TrainingSession(
+                make_cfg(tmp_path / str(window), train__max_steps=1),
+                system_interval=0,
+                leave_a_core_free=window,
+            )
+            s.start()
+            assert s.join(timeout=120)
+            seen[window] = next(e for e in s.drain() if e.type == "start").model["threads"]
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {False: cores, True: cores - 1}

@@ -97,3 +97,10 @@ def test_total_steps_from_epochs(tmp_path):
     assert start.total_steps == -(-micro // 2)
     assert of(events, "step")[-1].epoch == pytest.approx(1.0)
     assert t.plan.seen == train_n and t.plan.micro_batches_left() == 0
+
+
+@pytest.mark.parametrize(("eval_steps", "expected"), [(3, [3, 5]), (5, [5]), (0, [])])
+def test_a_run_ends_with_an_eval_when_its_last_step_is_off_the_interval(tmp_path, eval_steps, expected):
+    """As HF Trainer and TRL: the last word is an eval loss; eval_steps=0 still means only on request."""
+    events, _ = run(make_cfg(tmp_path, train__max_steps=5, train__eval_steps=eval_steps))
+    assert [e.step for e in of(events, "eval")] == expected

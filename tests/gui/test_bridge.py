@@ -67,3 +67,10 @@ def test_commands_reach_the_session(qtbot, tmp_path):
     assert ends[0].status == "stopped"
     assert make.made[0].sent[0].name == "stop"
     b.send({"cmd": "pause"})  # after the end: ignored, no error
+
+
+def test_the_window_s_sessions_leave_a_core_for_its_event_loop(tmp_path):
+    from tests.engine.helpers import make_cfg
+    from tunedeck.gui.bridge import default_factory
+
+    assert default_factory(make_cfg(tmp_path)).leave_a_core_free is True
