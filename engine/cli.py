@@ -242,6 +242,10 @@ class Printer:
                 f"loss); minimum/10 rule: {e.lr_min_div_10:.2e}"
             )
             self.say(f"  use it: --set train.learning_rate={e.suggestion:.2e}")
+        if e.smoothed and min(range(len(e.smoothed)), key=e.smoothed.__getitem__) == len(e.smoothed) - 1:
+            self.say(
+                "  the loss was still falling at the end of the range: a larger --find-lr-end shows more"
+            )
         if e.path:
             self.say(f"  curve: {e.path}")
 

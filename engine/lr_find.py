@@ -113,7 +113,8 @@ def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float | None, floa
     if low < 2:  # no descent before the minimum to measure
         return None, min_div_10
     slope = np.gradient(np.array(smoothed[: low + 1]), np.log(np.array(lrs[: low + 1])))
-    return float(lrs[int(np.argmin(slope))]), min_div_10
+    # Interior points only: at either end the slope is one-sided (and at the minimum it is ~0).
+    return float(lrs[1 + int(np.argmin(slope[1:low]))]), min_div_10
 
 
 def _sweep_step(trainer: Trainer, lr: float) -> float:
