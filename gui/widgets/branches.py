@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from tunedeck.gui.widgets.plots import PlotPanel
 
 MARK = "#e0c060"
-FADED_ALPHA = 90
+FADED_ALPHA = 150
 
 
 def checkpoint_steps(hist: RunHistory) -> list[int]:
@@ -132,7 +132,7 @@ class BranchCurves:
     def _pen(color: str) -> QPen:
         c = QColor(color)
         c.setAlpha(FADED_ALPHA)
-        pen = pg.mkPen(c, width=1)
+        pen = pg.mkPen(c, width=1.5)
         pen.setStyle(Qt.PenStyle.DashLine)
         return pen
 
@@ -145,6 +145,7 @@ class BranchCurves:
             lr = self.lr_plot.plot(b.steps, b.lr, pen=self._pen(COLORS["lr"]), connect="finite")
             for item in (loss, lr):
                 item.setZValue(-5)
+                item.faded = True  # the y ranges follow the run's own curves, not what it left behind
                 item.setToolTip(f"branch {b.number}: steps {b.to_step + 1}-{b.from_step}, left by a rollback")
             self.items.append((b, loss, lr))
 

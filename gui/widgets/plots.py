@@ -446,7 +446,7 @@ class PlotPanel(QWidget):
                 continue
             top = 0.0
             for item in p.listDataItems():
-                if not item.isVisible():
+                if not item.isVisible() or getattr(item, "faded", False):
                     continue
                 _, y = item.getOriginalDataset()
                 if y is not None and len(y):
