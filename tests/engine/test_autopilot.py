@@ -279,6 +279,7 @@ def test_early_stopping_stops_on_the_best_eval_and_keeps_its_checkpoint(tmp_path
     cfg = make_cfg(
         tmp_path,
         train__max_steps=40,
+        data__eval_fraction=0.02,
         train__eval_steps=2,
         train__save_steps=2,
         train__save_total_limit=1,

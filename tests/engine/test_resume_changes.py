@@ -14,7 +14,13 @@ from tunedeck.engine.errors import ConfigError
 from tunedeck.engine.protocol import Set, Stop
 from tunedeck.engine.session import TrainingSession
 
-KW = dict(train__max_steps=6, train__save_steps=3, lora__dropout=0.1, train__lr_scheduler_type="cosine")
+KW = dict(
+    data__max_length=64,
+    train__max_steps=6,
+    train__save_steps=3,
+    lora__dropout=0.1,
+    train__lr_scheduler_type="cosine",
+)
 LIVE = ", ".join((*LIVE_KEYS, "autopilot"))
 
 
@@ -48,7 +54,7 @@ ADVICE = f"start a new run to change it; resuming takes new live values ({LIVE})
 @pytest.mark.parametrize(
     "override, what",
     [
-        ("data.max_length=64", "data.max_length (128 -> 64: changes the data)"),
+        ("data.max_length=32", "data.max_length (64 -> 32: changes the data)"),
         ("train.seed=7", "train.seed (42 -> 7: changes the data order)"),
         ("data.path=other.jsonl", "data.path (builtin:demo -> other.jsonl: changes the data)"),
         ("data.format=text", "data.format (auto -> text: changes the data)"),
