@@ -148,3 +148,30 @@ def test_the_autopilot_panel_lists_rules_with_their_firings_and_switches_them(qt
     rules = [dict(r) for r in cfg.train.autopilot]
     panel.add_event(ChangeEvent(step=13, changes={"autopilot": [rules, rules]}, source="user"))
     assert panel.switches["slow"].isChecked() and len(sent) == 1
+
+
+def test_resume_from_the_window_takes_the_checkpoint_settings_and_continues_in_place(
+    make_window, make_config, qtbot, monkeypatch
+):
+    from PySide6.QtWidgets import QFileDialog
+
+    win = make_window()
+    win.set_config(make_config("train.max_steps=3000", "train.lr_scheduler_type=constant"))
+    win.controls.start_action.trigger()
+    qtbot.waitUntil(lambda: len(win.history) >= 3, timeout=60_000)
+    win.controls.stop_action.trigger()  # saves a checkpoint and final/ at the step it stops
+    qtbot.waitUntil(lambda: not win.bridge.active, timeout=60_000)
+    run_dir = Path(win.history.run_dir)
+    (ckpt,) = (run_dir / "checkpoints").iterdir()
+    stopped = int(win.history.steps.last())
+    # The form now holds other settings; resuming takes the checkpoint's, so nothing is refused.
+    win.set_config(make_config("train.max_steps=3000", "train.seed=7", "train.learning_rate=1e-4"))
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(ckpt))
+    win.resume_dialog()
+    qtbot.waitUntil(lambda: len(win.history) >= 2, timeout=60_000)
+    assert win.setup.config().train.seed == 42 and win.run_config.train.learning_rate == 3e-3
+    assert int(win.history.steps.view[0]) == stopped + 1 and win.history.run_dir == str(run_dir)
+    assert not [p for p in win.history.problems if p.type == "error"]
+    win.controls.stop_action.trigger()
+    qtbot.waitUntil(lambda: not win.bridge.active, timeout=60_000)
+    assert win.history.status == "stopped"
