@@ -29,10 +29,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tunedeck.engine import checkpoint, rollback
 from tunedeck.engine.errors import ConfigError
 from tunedeck.engine.protocol import Command, Rollback, Save, Set, Stop
 
@@ -178,6 +180,15 @@ class Context:
     checkpoints: list[int]
     learning_rate: float
     lr_of: Callable[[int], float]
+
+    @classmethod
+    def of_run(cls, step: int, run_dir: Path, learning_rate: float) -> Context:
+        def lr_of(s: int) -> float:
+            return checkpoint.read_config(
+                run_dir / "checkpoints" / checkpoint.step_dir_name(s)
+            ).train.learning_rate
+
+        return cls(step, rollback.checkpoint_steps(run_dir), learning_rate, lr_of)
 
 
 @dataclass

@@ -611,19 +611,7 @@ class Trainer:
         self.autopilot.notes.clear()
         if not self.autopilot.pending() or self.run_dir is None:
             return None
-        run_dir = self.run_dir
-
-        def lr_of(step: int) -> float:
-            return checkpoint.read_config(
-                run_dir / "checkpoints" / checkpoint.step_dir_name(step)
-            ).train.learning_rate
-
-        ctx = autopilot.Context(
-            step=self.step,
-            checkpoints=rollback_mod.checkpoint_steps(run_dir),
-            learning_rate=self.cfg.train.learning_rate,
-            lr_of=lr_of,
-        )
+        ctx = autopilot.Context.of_run(self.step, self.run_dir, self.cfg.train.learning_rate)
         for firing in self.autopilot.decide(ctx):
             try:
                 verdict = self._fire(firing)
