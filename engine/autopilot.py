@@ -371,7 +371,8 @@ class Autopilot:
         if not r.exhausted_said:
             r.exhausted_said = True
             self.notes.append(
-                f"autopilot rule {r.name} has fired {r.fired} times (its max_firings); it no longer acts"
+                f"autopilot rule {r.name} has fired {r.fired} time{'s' if r.fired != 1 else ''} (its max_firings); "
+                "it no longer acts"
             )
 
     # ------------------------------------------------------------ checkpoints

@@ -50,7 +50,7 @@ def test_loss_spike_rolls_back_two_steps_before_the_first_high_loss_and_scales_t
         "loss 2.5 above 2 x its smoothed level 1 for 2 steps since step 10"
     )
     # The second spike finds the rule at its limit: a note, no firing.
-    assert pilot.notes == ["autopilot rule loss_spike has fired 1 times (its max_firings); it no longer acts"]
+    assert pilot.notes == ["autopilot rule loss_spike has fired 1 time (its max_firings); it no longer acts"]
 
 
 def test_a_short_spike_below_the_steps_does_not_fire():
@@ -212,7 +212,7 @@ def test_a_loss_spike_rolls_back_once_and_the_run_recovers_exactly(tmp_path):
     assert [e.loss > 1.3 * level for e in of(events, "step")[12:15]] == [False, True, True]
     # The second spike is past the limit: a warning, no second rollback, and the run completes.
     assert [w.message for w in of(events, "warning") if w.kind != "data"] == [
-        "autopilot rule loss_spike has fired 1 times (its max_firings); it no longer acts"
+        "autopilot rule loss_spike has fired 1 time (its max_firings); it no longer acts"
     ]
     assert events[-1].status == "completed"
     # Recovered exactly: from step 12 on it is the run that set the LR to 1.5e-3 there, with no spike.
@@ -271,7 +271,7 @@ def test_a_nonfinite_loss_past_the_limit_pauses_as_without_a_rule(tmp_path):
     warnings = [w.message for w in of(events, "warning") if w.kind != "data"]
     assert warnings[0].endswith("the batch is skipped and the autopilot acts on it")
     assert "paused before the optimizer step" in warnings[1]
-    assert warnings[2] == "autopilot rule nonfinite has fired 1 times (its max_firings); it no longer acts"
+    assert warnings[2] == "autopilot rule nonfinite has fired 1 time (its max_firings); it no longer acts"
 
 
 def test_early_stopping_stops_on_the_best_eval_and_keeps_its_checkpoint(tmp_path):
