@@ -120,6 +120,7 @@ def test_resume_from_the_cli(tmp_path, capsys):
     assert sorted(b) == [4, 5, 6] and all(a[s] == b[s] for s in b)
 
 
+@pytest.mark.slow
 def test_control_file_rolls_back_with_a_new_learning_rate(tmp_path, capsys):
     control = tmp_path / "control.jsonl"
     args = ["--output-dir", str(tmp_path), "--set", "train.max_steps=12", "--set", "train.run_name=r"]

@@ -174,6 +174,7 @@ def test_the_rollback_command_parses_from_json():
         protocol.command_from_dict({"cmd": "rollback", "set": 5})
 
 
+@pytest.mark.slow
 def test_a_session_writes_the_branch_to_metrics_and_tensorboard_keeps_the_current_trajectory(tmp_path):
     import time
 
