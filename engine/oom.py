@@ -159,12 +159,12 @@ class Healer:
                 f"{at}: the micro-batch halved and the accumulation doubled, the same effective batch "
                 f"of {size * accumulation}; the step is redone from the same examples"
             )
-            trainer._record(changes, "auto", reason)
+            trainer._record(changes, "auto", reason=reason)
             return True
         if not trainer.cfg.model.gradient_checkpointing:
             model_mod.enable_gradient_checkpointing(trainer.model, lora=trainer.cfg.lora.enabled)
             trainer.cfg.model.gradient_checkpointing = True
             reason = f"{at} at batch 1: activations are recomputed in the backward pass from now on"
-            trainer._record({"gradient_checkpointing": [False, True]}, "auto", reason)
+            trainer._record({"gradient_checkpointing": [False, True]}, "auto", reason=reason)
             return True
         return False
