@@ -37,11 +37,11 @@ log = logging.getLogger(__name__)
 SessionFactory = Callable[..., Any]
 
 
-def default_factory(config, resume_from=None):
+def default_factory(config, resume_from=None, find_lr_only=None):
     from tunedeck.engine.session import TrainingSession  # imported late: it pulls in torch
 
     # The window's event loop shares this process: on the CPU it keeps a core of its own.
-    return TrainingSession(config, resume_from=resume_from, leave_a_core_free=True)
+    return TrainingSession(config, resume_from=resume_from, leave_a_core_free=True, find_lr_only=find_lr_only)
 
 
 class SessionBridge(QObject):
@@ -78,8 +78,9 @@ class SessionBridge(QObject):
         """True from start() until the end event has been delivered."""
         return not self._ended
 
-    def start(self, config, resume_from: str | Path | None = None) -> bool:
-        """Build and start a session. Returns False (after emitting error + end) if it could not."""
+    def start(self, config, resume_from: str | Path | None = None, find_lr_only: Any = None) -> bool:
+        """Build and start a session (with ``find_lr_only``, a FindLR: one that only runs that range
+        test). Returns False (after emitting error + end) if it could not."""
         if self.active:
             raise RuntimeError("a run is already going")
         self._ended = False
@@ -87,7 +88,8 @@ class SessionBridge(QObject):
         self.step = 0
         self.session = None
         try:
-            self.session = self.factory(config, resume_from=resume_from)
+            extra = {"find_lr_only": find_lr_only} if find_lr_only is not None else {}
+            self.session = self.factory(config, resume_from=resume_from, **extra)
             self.session.start()
         except Exception as e:  # the window must survive whatever the engine raises here
             log.exception("could not start the training session")

@@ -27,7 +27,10 @@ from tunedeck.engine.protocol import (
     EndEvent,
     ErrorEvent,
     Eval,
+    FindLR,
+    LrFindEvent,
     Pause,
+    ProgressEvent,
     Resume,
     Rollback,
     Sample,
@@ -46,6 +49,7 @@ from tunedeck.gui.widgets.autopilot import AutopilotPanel
 from tunedeck.gui.widgets.banner import Banner
 from tunedeck.gui.widgets.controls import RunControls, RunStatus
 from tunedeck.gui.widgets.log import LogPanel, advice_for
+from tunedeck.gui.widgets.lr_finder import LrFinderPanel
 from tunedeck.gui.widgets.plots import PlotPanel
 from tunedeck.gui.widgets.samples import SamplePanel
 from tunedeck.gui.widgets.setup import SetupPanel
@@ -91,12 +95,15 @@ class MainWindow(QMainWindow):
         self.log = LogPanel()
         self.samples = SamplePanel()
         self.autopilot = AutopilotPanel()
+        self.lr_finder = LrFinderPanel()
         self.setup_dock = self._dock("Setup", self.setup, Qt.DockWidgetArea.LeftDockWidgetArea)
         self.log_dock = self._dock("Log", self.log, Qt.DockWidgetArea.BottomDockWidgetArea)
         self.samples_dock = self._dock("Samples", self.samples, Qt.DockWidgetArea.BottomDockWidgetArea)
         self.splitDockWidget(self.log_dock, self.samples_dock, Qt.Orientation.Horizontal)
         self.autopilot_dock = self._dock("Autopilot", self.autopilot, Qt.DockWidgetArea.BottomDockWidgetArea)
         self.tabifyDockWidget(self.samples_dock, self.autopilot_dock)
+        self.lr_finder_dock = self._dock("LR finder", self.lr_finder, Qt.DockWidgetArea.BottomDockWidgetArea)
+        self.tabifyDockWidget(self.samples_dock, self.lr_finder_dock)
         self.samples_dock.raise_()
         self.resizeDocks([self.setup_dock], [430], Qt.Orientation.Horizontal)
         self.resizeDocks([self.log_dock], [210], Qt.Orientation.Vertical)
@@ -117,6 +124,8 @@ class MainWindow(QMainWindow):
         c.cancel.connect(self.cancel_run)
         c.save.connect(lambda: self.send(Save()))
         c.evaluate.connect(lambda: self.send(Eval()))
+        c.find_lr.connect(self.find_lr)
+        self.lr_finder.use.connect(self.use_learning_rate)
         self.setup.validity_changed.connect(lambda ok: c.set_config_ok(ok, self.setup.problem or ""))
         self.setup.form.apply_requested.connect(self.apply_live)
         self.setup.message.connect(
@@ -263,7 +272,9 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------------ run control
 
-    def start_run(self, resume_from: str | Path | None = None) -> bool:
+    def start_run(self, resume_from: str | Path | None = None, find_lr_only: FindLR | None = None) -> bool:
+        """Start a run with the settings (``find_lr_only``: a session that only measures a learning
+        rate, the settings locked meanwhile)."""
         if self.bridge.active:
             return False
         try:
@@ -286,11 +297,37 @@ class MainWindow(QMainWindow):
         self.settings.setValue("last/config", cfgmod.dump(cfg))
         self.log.add(
             "info",
-            f"starting: {cfg.model.name_or_path} on {cfg.data.path}"
+            ("finding a learning rate: " if find_lr_only else "starting: ")
+            + f"{cfg.model.name_or_path} on {cfg.data.path}"
             + (f", resuming from {resume_from}" if resume_from else ""),
         )
+        if find_lr_only is not None:
+            self.setup.setEnabled(False)  # nothing trains, so nothing can be applied
         self.setWindowTitle(f"{APP_NAME} — loading…")
-        return self.bridge.start(cfg, resume_from=resume_from)
+        return self.bridge.start(cfg, resume_from=resume_from, find_lr_only=find_lr_only)
+
+    def find_lr(self) -> None:
+        """Before a run: a session that only measures; while paused: the range test on the run as it is."""
+        try:
+            options = self.lr_finder.options()
+        except ConfigError as e:
+            self.banner.show_message("The learning-rate sweep needs fixing", e.one_line())
+            return
+        self.lr_finder_dock.raise_()
+        if not self.bridge.active:
+            self.start_run(find_lr_only=options)
+        elif self.bridge.state == "paused":
+            self.log.add("info", "finding a learning rate; the run is put back as it was afterwards")
+            self.send(options)
+
+    def use_learning_rate(self, lr: float) -> None:
+        """A suggestion taken: applied to the paused run, or set for the next run."""
+        editor = self.setup.form.editor("train.learning_rate")
+        editor.set_value(lr)
+        if self.bridge.active and self.bridge.state in ("running", "paused"):
+            self.apply_live({"learning_rate": lr})
+        else:
+            self.log.add("info", f"learning rate set to {fmt_number(lr)} for the next run")
 
     def send(self, cmd: Command) -> None:
         if self.bridge.active:
@@ -350,6 +387,11 @@ class MainWindow(QMainWindow):
                     self.status.set_total(int(ev.changes["total_steps"][1]))
             elif isinstance(ev, SampleEvent):
                 self.samples.add_sample(ev)
+            elif isinstance(ev, ProgressEvent) and ev.stage == "find_lr":
+                self.status.step_label.setText(f"finding a learning rate: {ev.done} / {ev.total} steps")
+            elif isinstance(ev, LrFindEvent):
+                self.lr_finder.show_result(ev)
+                self.lr_finder_dock.raise_()
             elif isinstance(ev, ErrorEvent):
                 self.banner.show_message(ev.message, advice_for(ev.kind, ev.advice))
                 self.samples.command_refused()
@@ -364,6 +406,7 @@ class MainWindow(QMainWindow):
     def _on_ended(self, end: EndEvent) -> None:
         self._flush_status()
         self.controls.set_state("idle")
+        self.setup.setEnabled(True)
         self.setup.set_running(False)
         self.samples.set_live(False)
         self.plots.rollback.live = False

@@ -21,7 +21,7 @@ STATE_COLORS = {
 
 
 class RunControls(QToolBar):
-    """Start, Pause/Resume, Stop & Save, Cancel, Save checkpoint now, Evaluate now."""
+    """Start, Pause/Resume, Stop & Save, Cancel, Save checkpoint now, Evaluate now, Find LR."""
 
     start = Signal()
     pause = Signal()
@@ -30,6 +30,7 @@ class RunControls(QToolBar):
     cancel = Signal()
     save = Signal()
     evaluate = Signal()
+    find_lr = Signal()
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__("Run", parent)
@@ -74,6 +75,14 @@ class RunControls(QToolBar):
         self.eval_action = act(
             "Evaluate", P.SP_FileDialogContentsView, "Compute the eval loss now", "Ctrl+E", self.evaluate.emit
         )
+        self.find_lr_action = act(
+            "Find LR",
+            P.SP_FileDialogDetailedView,
+            "Measure a learning rate: a short sweep of rising learning rates on the model as it is, "
+            "then everything put back as it was (before a run, or while paused)",
+            "Ctrl+L",
+            self.find_lr.emit,
+        )
         self.state = "idle"
         self.config_ok = True
         self.config_problem = ""
@@ -112,6 +121,7 @@ class RunControls(QToolBar):
         self.cancel_action.setEnabled(s in ("loading", "running", "paused", "stopping"))
         self.save_action.setEnabled(live)
         self.eval_action.setEnabled(live)
+        self.find_lr_action.setEnabled((s == "idle" and self.config_ok) or paused)
 
 
 class RunStatus(QWidget):

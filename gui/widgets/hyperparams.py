@@ -94,6 +94,8 @@ LABELS = {
     QUANT: "quantization",
 }
 
+RUNNING_HINT = "The run is going: the fields still enabled below change it live. Edit them, then Apply."
+
 SUGGESTIONS = {
     "lora.target_modules": ["q_proj, k_proj, v_proj, o_proj", "all-linear", "q_proj, v_proj"],
 }
@@ -281,9 +283,7 @@ class HyperparamForm(QWidget):
         self.apply_bar = QWidget()
         ab = QHBoxLayout(self.apply_bar)
         ab.setContentsMargins(0, 0, 0, 0)
-        self.apply_hint = QLabel(
-            "The run is going: the fields still enabled below change it live. Edit them, then Apply."
-        )
+        self.apply_hint = QLabel(RUNNING_HINT)
         self.apply_hint.setStyleSheet("color: #8a9099;")
         self.apply_hint.setWordWrap(True)
         self.apply_button = QPushButton("Apply")
@@ -297,7 +297,15 @@ class HyperparamForm(QWidget):
         self.revert_button.setToolTip("Put back the values the run is using now.")
         self.revert_button.setEnabled(False)
         self.revert_button.clicked.connect(self.revert_live)
+        self.keep_effective = QCheckBox("keep the effective batch")
+        self.keep_effective.setChecked(True)
+        self.keep_effective.setToolTip(
+            "A new batch size changes the gradient accumulation with it, so batch size x accumulation "
+            "(the examples per optimizer step) stays as the run has it: the same steps, the same updates, "
+            "in smaller or larger pieces."
+        )
         ab.addWidget(self.apply_hint, 1)
+        ab.addWidget(self.keep_effective)
         ab.addWidget(self.revert_button)
         ab.addWidget(self.apply_button)
         self.apply_bar.setVisible(False)
@@ -325,6 +333,7 @@ class HyperparamForm(QWidget):
         lay.addWidget(self.advanced_toggle)
         lay.addWidget(self.advanced)
         lay.addStretch(1)
+        self.editors["train.per_device_train_batch_size"].changed.connect(self._batch_edited)
         self.set_config(Config())
 
     def _group(self, title: str, keys: list[str]) -> QGroupBox:
@@ -434,12 +443,38 @@ class HyperparamForm(QWidget):
         self._edited()
 
     def revert_live(self) -> None:
+        self.apply_hint.setText(RUNNING_HINT)
         for key, v in self.baseline.items():
             ed = self.editors.get(f"train.{key}")
             if ed is not None:
                 ed.blockSignals(True)
                 ed.set_value(v)
                 ed.blockSignals(False)
+        self._edited()
+
+    def _batch_edited(self) -> None:
+        """With "keep the effective batch": the accumulation that keeps the run's examples per step at
+        the new batch size (the nearest whole one where none keeps it exactly; the hint says so)."""
+        if not (self.running and self.keep_effective.isChecked()):
+            return
+        batch = self.editors["train.per_device_train_batch_size"]
+        keys = ("per_device_train_batch_size", "gradient_accumulation_steps")
+        if batch.error or not all(k in self.baseline for k in keys):
+            return
+        effective = self.baseline[keys[0]] * self.baseline[keys[1]]
+        size = batch.value()
+        accumulation = max(1, round(effective / size))
+        acc_editor = self.editors["train.gradient_accumulation_steps"]
+        acc_editor.blockSignals(True)
+        acc_editor.set_value(accumulation)
+        acc_editor.blockSignals(False)
+        if size * accumulation != effective:
+            self.apply_hint.setText(
+                f"No whole accumulation keeps {effective} examples per step at batch {size}: "
+                f"{size} x {accumulation} = {size * accumulation}."
+            )
+        else:
+            self.apply_hint.setText(RUNNING_HINT)
         self._edited()
 
     def _apply(self) -> None:

@@ -16,6 +16,7 @@ from tunedeck.engine.protocol import (
     ErrorEvent,
     EvalEvent,
     Event,
+    LrFindEvent,
     RollbackEvent,
     SampleEvent,
     StartEvent,
@@ -129,6 +130,18 @@ class LogPanel(QWidget):
         elif isinstance(ev, RollbackEvent):
             kept = f"; steps {ev.to_step + 1}-{ev.from_step} kept as branch {ev.branch}" if ev.branch else ""
             self.add("change", f"rolled back from step {ev.from_step} to {ev.checkpoint}{kept}", when=t)
+        elif isinstance(ev, LrFindEvent):
+            found = (
+                f"suggested learning rate {fmt_number(ev.suggestion)} (steepest descent), minimum/10 "
+                f"{fmt_number(ev.lr_min_div_10)}"
+                if ev.suggestion is not None
+                else "no suggestion (the loss did not fall)"
+            )
+            self.add(
+                "info",
+                f"step {ev.step}: learning-rate range test over {len(ev.lrs)} steps ({ev.stopped}): {found}",
+                when=t,
+            )
         elif isinstance(ev, CheckpointEvent):
             self.add("info", f"step {ev.step}: checkpoint saved to {ev.path}", when=t)
         elif isinstance(ev, SampleEvent):
@@ -141,7 +154,8 @@ class LogPanel(QWidget):
             level = {"completed": "success", "stopped": "success", "cancelled": "warning"}.get(
                 ev.status, "error"
             )
-            out = f", adapter in {ev.output}" if ev.output else ""
+            what = "curve" if ev.output and ev.output.endswith(".json") else "adapter"
+            out = f", {what} in {ev.output}" if ev.output else ""
             self.add(level, f"run {ev.status} at step {ev.step}{out}", when=t)
 
     def text(self) -> str:

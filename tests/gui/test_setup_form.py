@@ -101,6 +101,38 @@ def test_live_keys_stay_editable_and_the_rest_locks_with_a_reason(qtbot):
     assert all(ed.widget.isEnabled() for ed in p.form.editors.values())
 
 
+def test_a_live_batch_size_keeps_the_effective_batch_unless_asked_not_to(qtbot):
+    p = panel(qtbot)
+    cfg = p.config()
+    cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps = 8, 2
+    p.set_config(cfg)
+    p.set_running(True, cfg)
+    form = p.form
+    batch, acc = (
+        form.editor("train.per_device_train_batch_size"),
+        form.editor("train.gradient_accumulation_steps"),
+    )
+    assert form.keep_effective.isChecked() and form.keep_effective.isVisibleTo(form)
+    sent = []
+    form.apply_requested.connect(sent.append)
+    batch.set_raw("4")
+    assert acc.value() == 4  # 8 x 2 = 4 x 4
+    form.apply_button.click()
+    assert sent == [{"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4}]
+    form.note_changes({"per_device_train_batch_size": [8, 4], "gradient_accumulation_steps": [2, 4]})
+    batch.set_raw("3")  # 16 examples per step: no whole accumulation at batch 3
+    assert acc.value() == 5 and form.apply_hint.text() == (
+        "No whole accumulation keeps 16 examples per step at batch 3: 3 x 5 = 15."
+    )
+    form.revert_live()
+    assert (batch.value(), acc.value()) == (4, 4) and form.apply_hint.text().startswith("The run is going")
+    form.keep_effective.setChecked(False)
+    batch.set_raw("2")
+    assert acc.value() == 4
+    form.apply_button.click()
+    assert sent[-1] == {"per_device_train_batch_size": 2}
+
+
 def test_presets_load_and_save(qtbot, tmp_path):
     p = panel(qtbot)
     assert p.load_preset(cfgmod.Path(__file__).resolve().parents[2] / "resources" / "presets" / "demo.yaml")
