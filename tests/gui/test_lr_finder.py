@@ -78,8 +78,15 @@ def test_find_before_a_run_and_while_paused(make_window, make_config, qtbot):
     qtbot.waitUntil(lambda: win.lr_finder.result is not ev, timeout=60_000)
     second = win.lr_finder.result
     assert second.step == paused_at and win.status.state == "paused" and win.bridge.step == paused_at
-    second_lr = float(f"{second.suggestion:.3g}")
-    win.lr_finder.use_steepest.click()
+    # Whichever suggestion differs from the learning rate the run has (the first find's, rounded).
+    pick = (
+        win.lr_finder.use_steepest if float(f"{second.suggestion:.3g}") != chosen else win.lr_finder.use_min
+    )
+    second_lr = float(
+        f"{(second.suggestion if pick is win.lr_finder.use_steepest else second.lr_min_div_10):.3g}"
+    )
+    assert second_lr != chosen
+    pick.click()
     qtbot.waitUntil(lambda: bool(win.plots.marker_steps), timeout=20_000)
     assert win.plots.marker_steps[0] == paused_at
     assert win.run_config is not None and win.setup.form.baseline["learning_rate"] == second_lr
