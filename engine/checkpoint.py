@@ -4,8 +4,9 @@ A checkpoint folder holds the PEFT adapter (``adapter_model.safetensors`` + ``ad
 loadable with ``PeftModel.from_pretrained``) or, for full fine-tuning, ``model.safetensors``; the
 tokenizer; ``optimizer.pt`` (tensors and plain values only, read with ``weights_only=True``);
 ``rng_state.pt``; ``trainer_state.json`` (step, schedule, data position, change log, live values)
-and the effective ``config.yaml``. It is written into a hidden temporary folder and renamed, so a
-crash never leaves half a checkpoint under the final name.
+and the effective ``config.yaml``. It is written into a hidden temporary folder, synced and renamed
+(an existing folder is swapped in one step), so a crash never leaves half a checkpoint under the
+final name (:mod:`~tunedeck.engine.durable`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from tunedeck.engine import config as config_mod
+from tunedeck.engine import durable
 from tunedeck.engine.config import Config
 from tunedeck.engine.errors import ConfigError
 
@@ -46,6 +48,7 @@ def write(
     """Write a checkpoint at ``folder`` atomically and return its path."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    durable.recover_dir(folder)
     tmp = folder.parent / f".tmp-{folder.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -61,18 +64,26 @@ def write(
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             torch.save(rng, tmp / "rng_state.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        durable.install_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        durable.recover_dir(folder)
         raise
-    if folder.exists():
-        old = folder.parent / f".old-{folder.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(folder)
     return folder
+
+
+def estimate_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    """About what a checkpoint of ``model`` takes before one was written: its trainable weights (the
+    adapter, or every weight for full fine-tuning), the optimizer's tensors, and a margin for the
+    tokenizer and small files."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    moments = 0
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            moments += sum(
+                v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor)
+            )
+    return weights + moments + 1_000_000
 
 
 def read_config(folder: Path) -> Config:
@@ -154,8 +165,14 @@ def load_rng(folder: Path) -> None:
 
 
 def prune(checkpoints: Path, keep: int) -> None:
-    """Keep the ``keep`` newest step folders (0 keeps all)."""
-    if keep <= 0 or not checkpoints.is_dir():
+    """Keep the ``keep`` newest step folders (0 keeps all); remove what a crash left half-written."""
+    if not checkpoints.is_dir():
+        return
+    for left in checkpoints.iterdir():
+        if left.name.startswith((".tmp-", ".old-")) and left.is_dir():
+            durable.recover_dir(checkpoints / left.name.split("-", 1)[1])
+            shutil.rmtree(left, ignore_errors=True)
+    if keep <= 0:
         return
     steps = sorted(p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in steps[:-keep]:
