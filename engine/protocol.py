@@ -124,7 +124,7 @@ def command_from_dict(data: dict[str, Any]) -> Command:
             f'e.g. {{"cmd": "set", "learning_rate": 2e-4}}; commands: {", ".join(COMMANDS)}',
         )
     name = data["cmd"]
-    if name not in COMMANDS:
+    if not isinstance(name, str) or name not in COMMANDS:
         raise ConfigError(f"unknown command {name!r}", f"commands: {', '.join(COMMANDS)}")
     rest = {k: v for k, v in data.items() if k != "cmd"}
     if name == "set":
