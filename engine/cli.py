@@ -1,23 +1,26 @@
 """``tunedeck-train``: the engine headless, with a progress bar and live commands from a file.
 
 Exit status: 0 when the run completed or was stopped (saved), 1 when it failed or was cancelled,
-2 for bad usage or a bad config. Ctrl-C once stops and saves; twice cancels.
+2 for bad usage, a bad config or bad data. Ctrl-C once (or SIGTERM, SIGHUP) stops and saves; twice
+cancels at once: when the engine does not end within ``CANCEL_GRACE_S`` (a model still loading, a
+call into a library that does not return), the command leaves it and exits, saying what it left.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
-from tunedeck.engine import builtin
+from tunedeck.engine import builtin, control, preflight
 from tunedeck.engine import config as config_mod
-from tunedeck.engine.errors import ConfigError, TunedeckError
+from tunedeck.engine.errors import ConfigError, TunedeckError, keep_traceback
 from tunedeck.engine.protocol import (
     Cancel,
     ChangeEvent,
@@ -36,6 +39,8 @@ from tunedeck.engine.protocol import (
 )
 
 DEMO_PRESET = builtin.DEMO_PRESET
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+CANCEL_GRACE_S = 3.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,58 +81,6 @@ def build_config(args: argparse.Namespace) -> config_mod.Config:
     return config_mod.apply_overrides(cfg, overrides) if overrides else cfg
 
 
-def preflight(cfg: config_mod.Config) -> None:
-    """Refuse, before loading anything, what cannot run on this machine."""
-    import torch
-
-    from tunedeck.engine import model, optim
-
-    optim.check_available(cfg.train.optim)
-    model.quantization_config(cfg, torch.float32)
-    model.resolve_dtype(cfg.model.dtype, model.pick_device())
-
-
-class ControlFile:
-    """Tails FILE for JSON lines (only what is appended after the start) and hands them to ``send``."""
-
-    def __init__(self, path: Path, send: Any, say: Any) -> None:
-        self.path, self.send, self.say = path, send, say
-        self.path.touch(exist_ok=True)
-        self.offset = self.path.stat().st_size
-        self.buffer = ""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def poll(self) -> None:
-        size = self.path.stat().st_size if self.path.exists() else 0
-        if size < self.offset:  # truncated or replaced: read it from the top
-            self.offset = 0
-        if size == self.offset:
-            return
-        with open(self.path, encoding="utf-8") as f:
-            f.seek(self.offset)
-            self.buffer += f.read()
-            self.offset = f.tell()
-        *lines, self.buffer = self.buffer.split("\n")
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                self.send(json.loads(line))
-            except json.JSONDecodeError as e:
-                self.say(f"control: ignored a line that is not JSON ({e.msg}): {line.strip()[:80]}")
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            self.poll()
-
-
 class Printer:
     """Step lines, or a progress bar on a terminal, plus one line for every other event."""
 
@@ -140,10 +93,15 @@ class Printer:
 
     def say(self, text: str) -> None:
         bar = self.bar or self.prep
-        if bar is not None:
-            bar.write(text, file=self.stream)
-        else:
-            print(text, file=self.stream, flush=True)
+        try:
+            if bar is not None:
+                bar.write(text, file=self.stream)
+            else:
+                print(text, file=self.stream, flush=True)
+        except (OSError, ValueError):
+            # The terminal is gone (a hang-up, a closed pipe): the run goes on and is saved.
+            self.bar = self.prep = None
+            self.stream = _Nowhere()
 
     def handle(self, e: Event) -> None:
         match e:
@@ -225,71 +183,184 @@ class Printer:
     def close(self) -> None:
         for bar in (self.prep, self.bar):
             if bar is not None:
-                bar.close()
+                with contextlib.suppress(OSError, ValueError):
+                    bar.close()
         self.bar = self.prep = None
+
+
+class _Nowhere:
+    """Where output goes once the terminal is gone."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+class Watch:
+    """What the run is doing, from its events, to say what a cancel leaves behind."""
+
+    def __init__(self) -> None:
+        self.state = "loading"
+        self.stage = "model"
+        self.step = 0
+
+    def see(self, e: Event) -> None:
+        match e:
+            case StateEvent():
+                self.state = e.state
+            case ProgressEvent():
+                self.stage = e.stage
+            case StepEvent():
+                self.step = e.step
+
+    def doing(self) -> str:
+        if self.state == "loading":
+            return "loading the model" if self.stage == "model" else f"preparing the run ({self.stage})"
+        if self.state == "stopping":
+            return "the final save (a checkpoint is renamed into place only once complete)"
+        return f"step {self.step + 1} or a sample"
+
+
+class Signals:
+    """SIGINT, SIGTERM and SIGHUP: the first stops and saves, the next cancels at once."""
+
+    def __init__(self, say: Any) -> None:
+        self.say = say
+        self.count = 0
+        self.session: Any = None
+        self.cancel_at: float | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # in-process callers on other threads keep their own handling
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def restore(self) -> None:
+        """In-process callers (tests, notebooks) get their handlers back."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self.session is None:
+            raise KeyboardInterrupt  # before the run: nothing to save
+        if self.count == 1:
+            self.say(f"{name}: stopping after this step and saving (Ctrl-C again to cancel)")
+            self.session.send(Stop())
+        else:
+            self.say(f"{name}: cancelling")
+            self.session.send(Cancel())
+            if self.cancel_at is None:
+                self.cancel_at = time.monotonic()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    printer = Printer(args.quiet, sys.stderr if sys.stderr.isatty() else sys.stdout)
+    signals = Signals(printer.say)
+    signals.install()
+    try:
+        return _run(args, printer, signals)
+    except KeyboardInterrupt:
+        print("tunedeck-train: interrupted before the run started; nothing to save", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug in this command itself: its traceback is kept, then one line
+        where = keep_traceback(traceback.format_exc(), None)
+        print(
+            f"tunedeck-train: internal error: {type(e).__name__}: {e} (this is a bug; the traceback is {where})",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        signals.restore()
+        printer.close()
+
+
+def _run(args: argparse.Namespace, printer: Printer, signals: Signals) -> int:
     try:
         cfg = build_config(args)
-        preflight(cfg)
+        preflight.check(cfg, args.resume)
+        if args.control:
+            control.check_path(Path(args.control))
     except TunedeckError as e:
         print(f"tunedeck-train: error: {e.one_line()}", file=sys.stderr)
         return 2
     from tunedeck.engine.session import TrainingSession
 
-    printer = Printer(args.quiet, sys.stderr if sys.stderr.isatty() else sys.stdout)
-    session = TrainingSession(cfg, resume_from=args.resume)
-    interrupts = {"n": 0}
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        interrupts["n"] += 1
-        if interrupts["n"] == 1:
-            printer.say("interrupt: stopping after this step and saving (Ctrl-C again to cancel)")
-            session.send(Stop())
-        else:
-            session.send(Cancel())
-
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGINT, on_sigint)
-    control = ControlFile(Path(args.control), session.send, printer.say) if args.control else None
+    # Without a control file nobody can resume a paused run: a non-finite loss ends it instead.
+    session = TrainingSession(cfg, resume_from=args.resume, on_nonfinite="pause" if args.control else "stop")
+    ctl = control.ControlFile(Path(args.control), session.send, session.report) if args.control else None
+    signals.session = session
     session.start()
-    if control:
-        control.start()
+    if ctl:
+        ctl.start()
+    watch = Watch()
     end: EndEvent | None = None
-    config_error = False
+    usage_error = False
     try:
         while end is None:
             for event in session.drain():
                 printer.handle(event)
-                config_error |= (
+                watch.see(event)
+                usage_error |= (
                     isinstance(event, ErrorEvent)
-                    and event.kind == "config"
+                    and event.kind in ("config", "data")
                     and end is None
                     and session.run_dir is None
                 )
                 if isinstance(event, EndEvent):
                     end = event
+            if end is None and not session.alive:
+                end = _lost(session, printer)
+            elif (
+                end is None
+                and signals.cancel_at is not None
+                and time.monotonic() - signals.cancel_at > CANCEL_GRACE_S
+            ):
+                printer.say(
+                    f"cancelled: the engine is still busy with {watch.doing()}; leaving it "
+                    "(checkpoints already written are complete)"
+                )
+                end = EndEvent(status="cancelled", step=watch.step, output=None)
             if end is None:
                 time.sleep(0.05)
     finally:
-        if control:
-            control.stop()
+        if ctl:
+            ctl.stop()
+        signals.restore()
         printer.close()
-        if previous is not None:  # in-process callers (tests, notebooks) get their handler back
-            signal.signal(signal.SIGINT, previous)
-    session.join()
+    session.join(CANCEL_GRACE_S if signals.cancel_at is not None else None)
     where = f" -> {end.output}" if end.output else ""
-    print(
-        f"{end.status} at step {end.step}{where}",
-        file=sys.stderr if args.quiet else printer.stream,
-        flush=True,
-    )
+    with contextlib.suppress(OSError, ValueError):
+        print(
+            f"{end.status} at step {end.step}{where}",
+            file=sys.stderr if args.quiet else printer.stream,
+            flush=True,
+        )
     if end.status in ("completed", "stopped"):
         return 0
-    return 2 if config_error else 1
+    return 2 if usage_error else 1
+
+
+def _lost(session: Any, printer: Printer) -> EndEvent:
+    """The engine thread ended without an end event (it never should): say so and end."""
+    for event in session.drain():
+        printer.handle(event)
+        if isinstance(event, EndEvent):
+            return event
+    printer.say("error: the training thread ended without reporting why (this is a bug; see stderr)")
+    return EndEvent(status="failed", step=0, output=None)
 
 
 if __name__ == "__main__":

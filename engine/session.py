@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunedeck.engine.config import Config
-from tunedeck.engine.errors import TunedeckError
+from tunedeck.engine.errors import TunedeckError, keep_traceback
 from tunedeck.engine.monitor import SystemSampler
 from tunedeck.engine.protocol import Cancel, Command, EndEvent, ErrorEvent, Event, command_from_dict
 from tunedeck.engine.sinks import RunLog, default_sinks
@@ -30,16 +30,25 @@ class TrainingSession:
     ``config`` may be None when ``resume_from`` is given: the run then continues with the config
     stored in the checkpoint, live changes included. ``system_interval`` is the period of the
     system sampler in seconds; 0 turns it off (with ``train.logging_steps`` above 1, monitoring off).
+    ``on_nonfinite``: ``pause`` on a non-finite loss (the window, or a CLI with a control file, can
+    lower the LR and resume) or ``stop`` (a headless run that nothing can resume ends as failed, with
+    the last finite weights saved).
     """
 
     def __init__(
-        self, config: Config | None, resume_from: str | Path | None = None, *, system_interval: float = 1.0
+        self,
+        config: Config | None,
+        resume_from: str | Path | None = None,
+        *,
+        system_interval: float = 1.0,
+        on_nonfinite: str = "pause",
     ) -> None:
         if config is None and resume_from is None:
             raise ValueError("a TrainingSession needs a config or a checkpoint to resume from")
         self.config = config
         self.resume_from = resume_from
         self.system_interval = system_interval
+        self.on_nonfinite = on_nonfinite
         self._events: queue.Queue[Event] = queue.Queue()
         self._commands: queue.Queue[Command] = queue.Queue()
         self._cancel = threading.Event()
@@ -64,9 +73,19 @@ class TrainingSession:
             except TunedeckError as e:
                 self._emit(ErrorEvent(message=e.message, kind=e.kind, advice=e.advice))
                 return
+            except Exception as e:  # whatever JSON a control file holds, the caller goes on
+                self._emit(
+                    ErrorEvent(message=f"malformed command {command!r}: {e}", kind="config", advice="")
+                )
+                return
         if isinstance(command, Cancel):
             self._cancel.set()
         self._commands.put(command)
+
+    def report(self, event: Event) -> None:
+        """Record a warning or error found outside the engine (a bad control line) like its own:
+        in the events and in metrics.jsonl."""
+        self._emit(event)
 
     def drain(self, max_items: int | None = None) -> list[Event]:
         out: list[Event] = []
@@ -95,12 +114,15 @@ class TrainingSession:
         return self._trainer.sampler()
 
     def _emit(self, event: Event) -> None:
-        self._log.write(event)
+        # A sink that cannot write says so once (a warning), and keeps the event to write later.
+        for notice in self._log.write(event):
+            self._events.put(notice)
         self._events.put(event)
 
     def _set_run_dir(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        self._log.open(default_sinks(run_dir))
+        for notice in self._log.open(default_sinks(run_dir)):
+            self._events.put(notice)
 
     def _main(self) -> None:
         import torch
@@ -113,7 +135,13 @@ class TrainingSession:
             resume = checkpoint.open_resume(self.resume_from) if self.resume_from is not None else None
             config = self.config if self.config is not None else resume.cfg  # type: ignore[union-attr]
             self._trainer = Trainer(
-                config, self._emit, self._commands, resume, on_run_dir=self._set_run_dir, cancel=self._cancel
+                config,
+                self._emit,
+                self._commands,
+                resume,
+                on_run_dir=self._set_run_dir,
+                cancel=self._cancel,
+                on_nonfinite=self.on_nonfinite,
             )
             if self.system_interval > 0:  # 0 turns the system sampler off
                 monitor = SystemSampler(
@@ -125,18 +153,22 @@ class TrainingSession:
             self._emit(ErrorEvent(message=e.message, kind=e.kind, advice=e.advice))
             end = EndEvent(status="failed", step=0, output=None)
         except Exception as e:  # the engine thread never dies silently, nor takes its host down
+            where = keep_traceback(traceback.format_exc(), self.run_dir)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             self._emit(
                 ErrorEvent(
-                    message=f"internal error: {type(e).__name__}: {e}",
+                    message=f"internal error: {type(e).__name__}: {first}",
                     kind="internal",
-                    advice="this is a bug; the traceback is in metrics.jsonl",
+                    advice=f"this is a bug; the traceback is {where}",
                 )
             )
-            self._log.write(ErrorEvent(message=traceback.format_exc(), kind="internal", advice=""))
             end = EndEvent(status="failed", step=self._trainer.step if self._trainer else 0, output=None)
         finally:
             if monitor is not None:
                 monitor.stop()
         self.end = end
-        self._emit(end)
-        self._log.close()
+        # The end goes out last: after what writing it (and closing the log) had to say.
+        notices = self._log.write(end) + self._log.close()
+        for notice in notices:
+            self._events.put(notice)
+        self._events.put(end)

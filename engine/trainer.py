@@ -24,7 +24,18 @@ from typing import Any
 
 import torch
 
-from tunedeck.engine import attention, checkpoint, data, liger, optim, packing, precision, sampling
+from tunedeck.engine import (
+    attention,
+    checkpoint,
+    data,
+    durable,
+    liger,
+    optim,
+    packing,
+    precision,
+    preflight,
+    sampling,
+)
 from tunedeck.engine import config as config_mod
 from tunedeck.engine import model as model_mod
 from tunedeck.engine.config import LIVE_KEYS, Config, validate_value
@@ -64,12 +75,24 @@ OOM_ADVICE = (
 NAN_ADVICE = (
     "lower the learning rate (set learning_rate) or max_grad_norm, then resume; the weights were not updated"
 )
+NAN_STOP_ADVICE = (
+    "resume from that checkpoint with a lower train.learning_rate or train.max_grad_norm; "
+    "run with --control FILE to pause on a non-finite loss instead of ending"
+)
+NONFINITE = ("pause", "stop")
+
+
+class _Cancelled(Exception):
+    """Cancel was asked for while the run was still being set up."""
 
 
 class Trainer:
     """One run. ``cfg`` is the run's whole config (for a resume, the checkpoint's, with any changes);
     ``resume`` the checkpoint it continues. ``cancel``, when set, ends the run at the next boundary
-    and stops a generation between tokens, ahead of any queued command."""
+    and stops a generation between tokens, ahead of any queued command; during setup, between its
+    stages. ``on_nonfinite``: what a non-finite loss does: ``pause`` (someone can change the LR and
+    resume: the window, a control file) or ``stop`` (a run nobody can resume ends as failed, with the
+    last finite weights saved)."""
 
     def __init__(
         self,
@@ -79,7 +102,14 @@ class Trainer:
         resume: checkpoint.Resumed | None = None,
         on_run_dir: Callable[[Path], None] | None = None,
         cancel: threading.Event | None = None,
+        on_nonfinite: str = "pause",
     ) -> None:
+        if on_nonfinite not in NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE}, not {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite: tuple[float, float] | None = None
+        self.checkpoint_bytes = 0  # the size of the last checkpoint written
+        self._low_space_warned = False
         self.cfg = cfg
         self.emit = emit
         self.commands = commands
@@ -110,6 +140,8 @@ class Trainer:
             self._set_state("loading")
             self.setup()
             status = self.train()
+        except _Cancelled:
+            status = "cancelled"
         except TunedeckError as e:
             self.emit(ErrorEvent(message=e.message, kind=e.kind, advice=e.advice))
         except torch.OutOfMemoryError:
@@ -125,10 +157,12 @@ class Trainer:
 
     def setup(self) -> None:
         t = self.cfg.train
-        optim.check_available(t.optim)
+        preflight.check(self.cfg, self.resume.folder if self.resume is not None else None)
         torch.manual_seed(t.seed)
         self._setup_model()
+        self._check_cancel()
         self._setup_data()
+        self._check_cancel()
         self.plan = StepPlan.create(
             len(self.train_examples),
             t.per_device_train_batch_size,
@@ -230,15 +264,18 @@ class Trainer:
         if self.resume is not None and self.resume.folder.parent.name == "checkpoints":
             self.run_dir = self.resume.folder.parent.parent
         else:
-            root = Path(self.cfg.train.output_dir)
             name = self.cfg.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
-            run_dir, n = root / name, 1
-            while run_dir.exists():
-                n += 1
-                run_dir = root / f"{name}-{n}"
-            self.run_dir = run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        config_mod.save(self.cfg, self.run_dir / "config.yaml")
+            self.run_dir = durable.make_run_dir(Path(self.cfg.train.output_dir), name)
+        try:
+            config_mod.save(self.cfg, self.run_dir / "config.yaml")
+        except OSError as e:  # every checkpoint holds the config too: go on without this copy
+            self.emit(
+                WarningEvent(
+                    message=f"could not write {self.run_dir / 'config.yaml'}: {durable.describe(e, self.run_dir)}",
+                    kind="config",
+                    advice=durable.WRITE_ADVICE,
+                )
+            )
         if self.on_run_dir is not None:
             self.on_run_dir(self.run_dir)
 
@@ -287,8 +324,10 @@ class Trainer:
                 return self._finish(verdict)
             began = time.perf_counter()
             loss, grad_norm, tokens = self._optimizer_step()
-            if loss is None:
-                continue  # non-finite: the run was paused, nothing was updated
+            if loss is None:  # non-finite: nothing was updated
+                if self.on_nonfinite == "stop":
+                    return self._finish("nonfinite")
+                continue  # the run was paused
             # The loss read inside the step synchronised the device, so this is the step's true time.
             step_time = time.perf_counter() - began
             first = plan.step == start_step + 1
@@ -350,6 +389,9 @@ class Trainer:
         loss, norm = torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device)]).tolist()
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite = (loss, norm)
+            if self.on_nonfinite == "stop":
+                return None, None, tokens
             self.emit(
                 WarningEvent(
                     message=f"loss {loss} / grad norm {norm} at step {self.step + 1} is not finite; "
@@ -562,6 +604,8 @@ class Trainer:
         """Write a checkpoint; a failed write is an error event and the run goes on (None returned)."""
         assert self.run_dir is not None
         folder = folder or self.run_dir / "checkpoints" / checkpoint.step_dir_name(self.step)
+        optimizer = self.optimizer if with_optimizer else None
+        self._warn_low_space(folder, optimizer)
         try:
             path = checkpoint.write(
                 folder,
@@ -569,33 +613,68 @@ class Trainer:
                 tokenizer=self.tokenizer,
                 cfg=self.cfg,
                 state=self.trainer_state(),
-                optimizer=self.optimizer if with_optimizer else None,
+                optimizer=optimizer,
             )
-        except OSError as e:
+        # Not OSError alone: torch.save raises RuntimeError and safetensors SafetensorError.
+        except Exception as e:
+            going_on = self.state != "stopping"
             self.emit(
                 ErrorEvent(
-                    message=f"could not save {folder}: {e.strerror or e}",
-                    kind="internal",
-                    advice="free disk space or point train.output_dir elsewhere; earlier checkpoints "
-                    "are untouched and training goes on",
+                    message=f"could not save {folder}: {durable.describe(e, folder)}",
+                    kind="config",
+                    advice=durable.WRITE_ADVICE + ("; training goes on" if going_on else ""),
                 )
             )
             return None
+        if with_optimizer:
+            self.checkpoint_bytes = durable.folder_bytes(path)
         if folder.parent.name == "checkpoints":
             checkpoint.prune(folder.parent, self.cfg.train.save_total_limit)
         self.emit(CheckpointEvent(step=self.step, path=str(path)))
         return path
+
+    def _warn_low_space(self, folder: Path, optimizer: torch.optim.Optimizer | None) -> None:
+        """A warning, once until the space is back, when a checkpoint may not fit twice."""
+        needed = self.checkpoint_bytes or checkpoint.estimate_bytes(self.model, optimizer)
+        low = durable.low_space(folder, needed)
+        if low is not None and not self._low_space_warned:
+            self.emit(WarningEvent(message=low, kind="config", advice=durable.WRITE_ADVICE))
+        self._low_space_warned = low is not None
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise _Cancelled
 
     def _finish(self, verdict: str) -> str:
         assert self.run_dir is not None
         if verdict == "cancelled":
             return "cancelled"
         self._set_state("stopping")
+        if verdict == "nonfinite":
+            return self._end_nonfinite()
         if verdict == "stopped":
             self.save_checkpoint()
         if self.save_checkpoint(self.run_dir / "final", with_optimizer=False) is None:
             return "failed"
         return verdict
+
+    def _end_nonfinite(self) -> str:
+        """A run nobody can resume ends at a non-finite loss, with its last finite weights saved."""
+        assert self.nonfinite is not None
+        loss, norm = self.nonfinite
+        path = self.save_checkpoint()
+        saved = (
+            f"the last finite weights are in {path}" if path else "the last finite weights could not be saved"
+        )
+        self.emit(
+            ErrorEvent(
+                message=f"loss {loss} / grad norm {norm} at step {self.step + 1} is not finite; "
+                f"the run ends, as nothing can resume it; {saved}",
+                kind="nan",
+                advice=NAN_STOP_ADVICE,
+            )
+        )
+        return "failed"
 
     # ------------------------------------------------------------ helpers
 
