@@ -45,7 +45,8 @@ def write(
     state: dict[str, Any],
     optimizer: torch.optim.Optimizer | None,
 ) -> Path:
-    """Write a checkpoint at ``folder`` atomically and return its path."""
+    """Write a checkpoint at ``folder`` atomically and return its path; a failed write raises
+    :class:`~tunedeck.engine.durable.WriteFailed` naming its cause, and leaves no trace."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     durable.recover_dir(folder)
@@ -65,6 +66,11 @@ def write(
             torch.save(rng, tmp / "rng_state.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         durable.install_dir(tmp, folder)
+    except Exception as e:
+        cause = durable.describe(e, folder.parent)  # now: once cleaned up, a full disk no longer looks full
+        shutil.rmtree(tmp, ignore_errors=True)
+        durable.recover_dir(folder)
+        raise durable.WriteFailed(cause) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         durable.recover_dir(folder)

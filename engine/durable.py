@@ -143,6 +143,15 @@ def make_run_dir(root: Path, name: str) -> Path:
 # ---------------------------------------------------------------- free space and causes
 
 
+class WriteFailed(Exception):
+    """A write that failed, with its cause found at that moment (see :func:`describe`): before
+    the half-written files are removed, while a full disk is still full."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
 def existing_parent(path: Path) -> Path:
     """``path`` or its nearest ancestor that exists."""
     p = Path(path).absolute()
@@ -167,9 +176,21 @@ def human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def mount_point(path: Path) -> Path:
+    """The mount point of the file system that holds ``path`` (the disk that is full)."""
+    p = existing_parent(path)
+    try:
+        dev = p.stat().st_dev
+        while p != p.parent and p.parent.stat().st_dev == dev:
+            p = p.parent
+    except OSError:
+        pass
+    return p
+
+
 def no_space(path: Path) -> str:
     free = free_bytes(path)
-    where = existing_parent(path)
+    where = mount_point(path)
     return (
         f"no space left on device: {human(free)} free on {where}"
         if free is not None
@@ -200,10 +221,15 @@ def describe(e: BaseException, path: Path) -> str:
     if isinstance(e, OSError):
         return f"{e.strerror or type(e).__name__}: {e.filename or path}"
     free = free_bytes(path)
-    if free is not None and free < 1_000_000:  # torch.save's "file write failed" on a full disk
+    if free is not None and free < 1_000_000:  # torch.save's "unexpected pos" on a full disk
         return no_space(path)
     first = text.strip().splitlines()[0] if text.strip() else ""
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def cause(e: BaseException, path: Path) -> str:
+    """The cause of a failed write: the one found when it failed, or else :func:`describe`'s now."""
+    return e.cause if isinstance(e, WriteFailed) else describe(e, path)
 
 
 def low_space(path: Path, needed: int) -> str | None:

@@ -64,10 +64,10 @@ class TrainingSession:
         self._thread = threading.Thread(target=self._main, name="tunedeck-train", daemon=True)
         self._thread.start()
 
-    def send(self, command: Command | dict[str, Any]) -> None:
+    def send(self, command: Command | dict[str, Any] | Any) -> None:
         """Queue a command for the next optimizer-step boundary; a malformed one becomes an error event.
         ``cancel`` also takes effect at once: ahead of queued commands and between generated tokens."""
-        if isinstance(command, dict):
+        if not isinstance(command, Command):  # a dict, or whatever a JSON line held
             try:
                 command = command_from_dict(command)
             except TunedeckError as e:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -27,67 +29,85 @@ class EventSink(Protocol):
     def close(self) -> None: ...
 
 
-class JsonlSink:
-    """``<run>/metrics.jsonl``: one JSON object per event, written as it comes, appended on resume.
+class _Appender:
+    """Appends whole records to a file, or nothing: a short write (a disk that filled up midway) is
+    cut back off before the error goes up, so the file always ends with a whole record. The file
+    is opened again after a failure, so a path set right meanwhile is written."""
 
-    It never raises: when a write fails (a full disk), the file is cut back to its last whole line,
-    the events are kept in memory (up to ``MAX_PENDING``, then the oldest are dropped) and written
-    on a later try, at most every ``RETRY_S`` seconds and at the end. The failure and the recovery
-    are each said once, in :attr:`notices`.
-    """
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def append(self, record: bytes) -> None:
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            end = os.lseek(self._fd, 0, os.SEEK_END)
+        except OSError:
+            self.close()
+            raise
+        done = 0
+        try:
+            while done < len(record):
+                n = os.write(self._fd, record[done:])
+                if n == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+                done += n
+        except OSError:
+            if done:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, end)
+            self.close()
+            raise
+
+    def close(self, sync: bool = False) -> None:
+        if self._fd is not None:
+            if sync:
+                with contextlib.suppress(OSError):
+                    os.fsync(self._fd)
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
+class _Retrying:
+    """Records kept in memory while they cannot be written, retried at most every ``RETRY_S``
+    seconds; the failure and the recovery are each said once, in :attr:`notices`."""
 
     RETRY_S = 1.0
     MAX_PENDING = 100_000
+    what = ""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self) -> None:
         self.notices: list[Event] = []
-        self._pending: deque[bytes] = deque()
+        self._pending: deque[Any] = deque()
         self._dropped = 0
-        self._fd: int | None = None
         self._failing = False
         self._next_try = 0.0
         self._cause = ""
 
-    def write(self, event: Event) -> None:
-        self._pending.append((json.dumps(event.to_dict(), default=str) + "\n").encode("utf-8"))
+    def _keep(self, record: Any) -> None:
+        self._pending.append(record)
         if len(self._pending) > self.MAX_PENDING:
             self._pending.popleft()
             self._dropped += 1
-        if not self._failing or time.monotonic() >= self._next_try or isinstance(event, EndEvent):
-            self._flush()
 
-    def close(self) -> None:
-        self._flush()
-        if self._pending:
-            self.notices.append(
-                WarningEvent(
-                    message=f"{self.path} misses its last {len(self._pending)} events: {self._cause}",
-                    kind="config",
-                    advice=durable.WRITE_ADVICE,
-                )
-            )
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
+    def _due(self, now: bool = False) -> bool:
+        return now or not self._failing or time.monotonic() >= self._next_try
 
     def _flush(self) -> None:
         try:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             while self._pending:
-                self._append(self._pending[0])
+                self._write(self._pending[0])
                 self._pending.popleft()
-        except OSError as e:
-            self._cause = durable.describe(e, self.path)
+        except Exception as e:  # OSError, or whatever a library raised for it
+            self._cause = durable.describe(e, self._where())
             self._next_try = time.monotonic() + self.RETRY_S
             if not self._failing:
                 self._failing = True
                 self.notices.append(
                     WarningEvent(
-                        message=f"could not write {self.path}: {self._cause}; the run goes on and its "
+                        message=f"could not write {self.what}: {self._cause}; the run goes on and its "
                         "events are kept in memory until they can be written",
                         kind="config",
                         advice=durable.WRITE_ADVICE,
@@ -99,53 +119,79 @@ class JsonlSink:
             lost = f"; the {self._dropped} oldest could not be kept" if self._dropped else ""
             self.notices.append(
                 WarningEvent(
-                    message=f"{self.path} is written again: the events held in memory are in it{lost}",
+                    message=f"{self.what} is written again: the events held in memory are in it{lost}",
                     kind="config",
                     advice="",
                 )
             )
             self._dropped = 0
 
-    def _append(self, line: bytes) -> None:
-        """One whole line or nothing: a short write is cut back off before the error goes up."""
-        assert self._fd is not None
-        end = os.lseek(self._fd, 0, os.SEEK_END)
-        done = 0
-        try:
-            while done < len(line):
-                n = os.write(self._fd, line[done:])
-                if n == 0:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
-                done += n
-        except OSError:
-            if done:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, end)
-            raise
+    def _left_over(self) -> None:
+        if self._pending:
+            self.notices.append(
+                WarningEvent(
+                    message=f"{self.what} misses its last {len(self._pending)} events: {self._cause}",
+                    kind="config",
+                    advice=durable.WRITE_ADVICE,
+                )
+            )
+
+    def _write(self, record: Any) -> None:
+        raise NotImplementedError
+
+    def _where(self) -> Path:
+        raise NotImplementedError
 
 
-class TensorBoardSink:
+class JsonlSink(_Retrying):
+    """``<run>/metrics.jsonl``: one JSON object per event, written as it comes, appended on resume.
+
+    It never raises: when a write fails (a full disk), the file is left ending with a whole line,
+    the events are kept in memory (up to ``MAX_PENDING``, then the oldest are dropped) and written
+    on a later try, at most every ``RETRY_S`` seconds, and at the end.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.path = run_dir / "metrics.jsonl"
+        self.what = str(self.path)
+        self._file = _Appender(self.path)
+
+    def write(self, event: Event) -> None:
+        self._keep((json.dumps(event.to_dict(), default=str) + "\n").encode("utf-8"))
+        if self._due(now=isinstance(event, EndEvent)):
+            self._flush()
+
+    def close(self) -> None:
+        self._flush()
+        self._left_over()
+        self._file.close(sync=True)
+
+    def _write(self, record: bytes) -> None:
+        self._file.append(record)
+
+    def _where(self) -> Path:
+        return self.path
+
+
+class TensorBoardSink(_Retrying):
     """Scalars in ``<run>/tensorboard/``, named as HF Trainer names them (``train/loss``, ``eval/loss``).
 
     Opened at the ``start`` event, the one that knows the step a resume begins at: a resumed run's
-    writer is opened with ``purge_step``, TensorBoard's way of dropping the steps the run redoes.
-    Like :class:`JsonlSink` it never raises: scalars that could not be written are kept and written
-    by a new writer (a new event file) on a later try; the failure is said once in :attr:`notices`.
+    file starts with TensorBoard's purge marker (as ``SummaryWriter(purge_step=)`` writes it), which
+    drops the steps the run redoes. The records are written here, in the engine's thread, and not
+    by ``SummaryWriter``'s background thread, so a failed write is kept and retried like
+    :class:`JsonlSink`'s rather than lost with a traceback from that thread.
     """
 
     STEP_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_s", "mem_allocated_mb")
     RETRY_S = 5.0
-    MAX_PENDING = 100_000
 
     def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.notices: list[Event] = []
-        self._writer: Any = None
-        self._purge: int | None = None
-        self._opened = False
-        self._pending: deque[tuple[str, float, int]] = deque(maxlen=self.MAX_PENDING)
-        self._failing = False
-        self._next_try = 0.0
+        super().__init__()
+        self.folder = run_dir / "tensorboard"
+        self.what = f"the TensorBoard log in {self.folder}"
+        self._file: _Appender | None = None
 
     @staticmethod
     def available() -> bool:
@@ -156,61 +202,57 @@ class TensorBoardSink:
         return True
 
     def write(self, event: Event) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event as TBEvent
+        from tensorboard.compat.proto.event_pb2 import SessionLog
+
         match event:
-            case StartEvent(step=step, resumed_from=resumed) if not self._opened:
-                self._opened = True
-                self._purge = step + 1 if resumed else None
-            case StepEvent() if self._opened:
+            case StartEvent(step=step, resumed_from=resumed) if self._file is None:
+                name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.tunedeck"
+                self._file = _Appender(self.folder / name)
+                now = time.time()
+                self._keep(TBEvent(wall_time=now, file_version="brain.Event:2"))
+                if resumed:  # the events SummaryWriter(purge_step=step + 1) starts its file with
+                    start = SessionLog(status=SessionLog.START)
+                    self._keep(TBEvent(wall_time=now, step=step + 1, file_version="brain.Event:2"))
+                    self._keep(TBEvent(wall_time=now, step=step + 1, session_log=start))
+            case StepEvent() if self._file is not None:
                 for key in self.STEP_KEYS:
                     value = getattr(event, key)
                     if value is not None:
-                        self._pending.append((f"train/{key}", value, event.step))
-            case EvalEvent() if self._opened:
-                self._pending.append(("eval/loss", event.eval_loss, event.step))
+                        self._keep(_scalar(f"train/{key}", value, event.step))
+            case EvalEvent() if self._file is not None:
+                self._keep(_scalar("eval/loss", event.eval_loss, event.step))
             case _:
                 return
-        if not self._failing or time.monotonic() >= self._next_try:
+        if self._due():
             self._flush()
-
-    def _flush(self) -> None:
-        try:
-            if self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(
-                    log_dir=str(self.run_dir / "tensorboard"), purge_step=self._purge
-                )
-                self._purge = None  # a writer opened again after a failure keeps what is there
-            for tag, value, step in self._pending:
-                self._writer.add_scalar(tag, value, step)
-            self._writer.flush()  # here, so that a failure surfaces now and the scalars are kept
-            self._pending.clear()
-        except Exception as e:  # OSError, or whatever tensorboard's writer thread raised
-            self._drop_writer()
-            self._next_try = time.monotonic() + self.RETRY_S
-            if not self._failing:
-                self._failing = True
-                self.notices.append(
-                    WarningEvent(
-                        message=f"could not write TensorBoard files in {self.run_dir / 'tensorboard'}: "
-                        f"{durable.describe(e, self.run_dir)}; they are written again when they can be",
-                        kind="config",
-                        advice=durable.WRITE_ADVICE,
-                    )
-                )
-            return
-        self._failing = False
-
-    def _drop_writer(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            with contextlib.suppress(Exception):
-                writer.close()
 
     def close(self) -> None:
-        if self._opened and self._pending:
+        if self._file is not None:
             self._flush()
-        self._drop_writer()
+            self._left_over()
+            self._file.close(sync=True)
+
+    def _write(self, record: Any) -> None:
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        assert self._file is not None
+        self.folder.mkdir(exist_ok=True)
+        framed = io.BytesIO()
+        RecordWriter(framed).write(record.SerializeToString())
+        self._file.append(framed.getvalue())
+
+    def _where(self) -> Path:
+        return self.folder
+
+
+def _scalar(tag: str, value: float, step: int) -> Any:
+    from tensorboard.compat.proto.event_pb2 import Event as TBEvent
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    return TBEvent(
+        wall_time=time.time(), step=step, summary=Summary(value=[Summary.Value(tag=tag, simple_value=value)])
+    )
 
 
 def default_sinks(run_dir: Path) -> list[EventSink]:

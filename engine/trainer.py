@@ -620,7 +620,7 @@ class Trainer:
             going_on = self.state != "stopping"
             self.emit(
                 ErrorEvent(
-                    message=f"could not save {folder}: {durable.describe(e, folder)}",
+                    message=f"could not save {folder}: {durable.cause(e, folder)}",
                     kind="config",
                     advice=durable.WRITE_ADVICE + ("; training goes on" if going_on else ""),
                 )
