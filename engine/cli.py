@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -101,7 +102,7 @@ class Printer:
         except (OSError, ValueError):
             # The terminal is gone (a hang-up, a closed pipe): the run goes on and is saved.
             self.bar = self.prep = None
-            self.stream = _Nowhere()
+            self.stream = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
 
     def handle(self, e: Event) -> None:
         match e:
@@ -188,19 +189,6 @@ class Printer:
         self.bar = self.prep = None
 
 
-class _Nowhere:
-    """Where output goes once the terminal is gone."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
-
-
 class Watch:
     """What the run is doing, from its events, to say what a cancel leaves behind."""
 
@@ -227,13 +215,19 @@ class Watch:
 
 
 class Signals:
-    """SIGINT, SIGTERM and SIGHUP: the first stops and saves, the next cancels at once."""
+    """SIGINT, SIGTERM and SIGHUP: the first stops and saves, the next cancels at once.
+
+    The handler only notes the signal; :meth:`act`, called by the CLI's loop every few
+    milliseconds, prints and sends the command. A handler that printed or took the session's locks
+    could run inside the very write or lock it interrupted.
+    """
 
     def __init__(self, say: Any) -> None:
         self.say = say
         self.count = 0
         self.session: Any = None
         self.cancel_at: float | None = None
+        self._noted: list[str] = []
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -251,18 +245,22 @@ class Signals:
         self._previous.clear()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.count += 1
-        name = signal.Signals(signum).name
         if self.session is None:
             raise KeyboardInterrupt  # before the run: nothing to save
-        if self.count == 1:
-            self.say(f"{name}: stopping after this step and saving (Ctrl-C again to cancel)")
-            self.session.send(Stop())
-        else:
-            self.say(f"{name}: cancelling")
-            self.session.send(Cancel())
-            if self.cancel_at is None:
-                self.cancel_at = time.monotonic()
+        self._noted.append(signal.Signals(signum).name)
+
+    def act(self) -> None:
+        while self._noted:
+            name = self._noted.pop(0)
+            self.count += 1
+            if self.count == 1:
+                self.say(f"{name}: stopping after this step and saving (Ctrl-C again to cancel)")
+                self.session.send(Stop())
+            else:
+                self.say(f"{name}: cancelling")
+                self.session.send(Cancel())
+                if self.cancel_at is None:
+                    self.cancel_at = time.monotonic()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,6 +308,7 @@ def _run(args: argparse.Namespace, printer: Printer, signals: Signals) -> int:
     usage_error = False
     try:
         while end is None:
+            signals.act()
             for event in session.drain():
                 printer.handle(event)
                 watch.see(event)

@@ -41,6 +41,7 @@ class _Appender:
     def append(self, record: bytes) -> None:
         try:
             if self._fd is None:
+                self.path.parent.mkdir(exist_ok=True)
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             end = os.lseek(self._fd, 0, os.SEEK_END)
         except OSError:
@@ -237,7 +238,6 @@ class TensorBoardSink(_Retrying):
         from tensorboard.summary.writer.record_writer import RecordWriter
 
         assert self._file is not None
-        self.folder.mkdir(exist_ok=True)
         framed = io.BytesIO()
         RecordWriter(framed).write(record.SerializeToString())
         self._file.append(framed.getvalue())

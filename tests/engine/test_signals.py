@@ -247,3 +247,15 @@ def test_with_a_control_file_a_non_finite_loss_pauses(tmp_path, capsys, monkeypa
         capsys.readouterr().out
     )
     assert Path(tmp_path / "r" / "checkpoints" / "step-000002").is_dir()
+
+
+def test_the_cli_exits_when_the_engine_thread_dies_without_an_end(tmp_path, capsys, monkeypatch):
+    # As the window's bridge does: a thread gone without its end event is reported, never waited on.
+    monkeypatch.setattr(TrainingSession, "_main", lambda self: None)
+    code = cli.main(["--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert out.splitlines()[-2:] == [
+        "error: the training thread ended without reporting why (this is a bug; see stderr)",
+        "failed at step 0",
+    ]
