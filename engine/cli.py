@@ -288,9 +288,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, printer: Printer, signals: Signals) -> int:
     try:
         cfg = build_config(args)
-        preflight.check(cfg, args.resume)
         if args.control:
             control.check_path(Path(args.control))
+        preflight.check(cfg, args.resume)
     except TunedeckError as e:
         print(f"tunedeck-train: error: {e.one_line()}", file=sys.stderr)
         return 2

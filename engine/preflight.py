@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tunedeck.engine import durable, paths
@@ -24,27 +25,31 @@ _KERNEL_FS = ("/proc", "/sys")
 
 
 def check(cfg: Config, resume: str | Path | None = None) -> None:
-    """Raise the first problem :func:`problems` finds (a :class:`TunedeckError`)."""
-    found = problems(cfg, resume)
-    if found:
-        raise found[0]
+    """Raise the first problem :func:`problems` would find (a :class:`TunedeckError`), without
+    looking further: the checks that need no torch come first, so most mistakes cost no import."""
+    for problem in _found(cfg, resume):
+        raise problem
 
 
 def problems(cfg: Config, resume: str | Path | None = None) -> list[TunedeckError]:
     """Every problem found with ``cfg`` on this machine, in the order a user would fix them.
     ``resume``: the checkpoint a run continues from (its run folder must be writable)."""
-    out: list[TunedeckError] = []
-    for step in (_model, _data, _hardware, _schedule):
+    return list(_found(cfg, resume))
+
+
+def _found(cfg: Config, resume: str | Path | None) -> Iterator[TunedeckError]:
+    steps: list[Callable[[], None]] = [
+        lambda: _model(cfg),
+        lambda: _data(cfg),
+        lambda: writable_folder(*_run_parent(cfg, resume)),
+        lambda: _hardware(cfg),
+        lambda: _schedule(cfg),
+    ]
+    for step in steps:
         try:
-            step(cfg)
+            step()
         except TunedeckError as e:
-            out.append(e)
-    try:
-        target = _run_parent(cfg, resume)
-        writable_folder(target[0], target[1])
-    except TunedeckError as e:
-        out.append(e)
-    return out
+            yield e
 
 
 def _model(cfg: Config) -> None:
