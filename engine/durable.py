@@ -218,8 +218,8 @@ def describe(e: BaseException, path: Path) -> str:
         return f"read-only file system at {existing_parent(path)}"
     if code in (errno.EACCES, errno.EPERM):
         return f"permission denied at {getattr(e, 'filename', None) or path}"
-    if isinstance(e, OSError):
-        return f"{e.strerror or type(e).__name__}: {e.filename or path}"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename or path}"
     free = free_bytes(path)
     if free is not None and free < 1_000_000:  # torch.save's "unexpected pos" on a full disk
         return no_space(path)

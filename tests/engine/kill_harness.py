@@ -1,8 +1,9 @@
 """SIGKILL at random moments during checkpoint writes, then every surviving checkpoint checked.
 
 ``python -m tests.engine.kill_harness OUT --kills 24 --seed 1`` prints one JSON summary line.
-One process imports torch and trains a reference run once; each trial is a child forked from it
-(a real process, killed with SIGKILL), so a trial costs a model set-up, not an interpreter start.
+One process imports torch, trains a reference run and sets trainers up once; each trial is a child
+forked from it (a real process, killed with SIGKILL) that trains or saves with one of them, so a
+trial costs its writes, not an interpreter start and a model load.
 
 Two kinds of trial, alternately:
 
@@ -103,15 +104,42 @@ def loads(folder: Path) -> None:
 # ---------------------------------------------------------------- trials (in forked children)
 
 
-def fresh_child(out: Path, name: str) -> None:
-    train(make_cfg(out, name))
+class Writers:
+    """Trainers set up once in the harness, for the children to fork from: set-up costs a model
+    load and the data, which 24 children need not repeat. Each holds the global RNG state its
+    setup left, which a child puts back (the harness's own setups move it)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.fresh = Trainer(make_cfg(out, "proto"), lambda e: None, queue.Queue())
+        self.fresh.setup()
+        self.fresh_rng = torch.get_rng_state()
+        self.resumed: dict[int, Trainer] = {}
+
+    def resumed_at(self, step: int) -> Trainer:
+        if step not in self.resumed:
+            folder = self.out / "ref" / "checkpoints" / checkpoint.step_dir_name(step)
+            opened = checkpoint.open_resume(folder)
+            t = Trainer(opened.cfg, lambda e: None, queue.Queue(), resume=opened)
+            t.setup()
+            self.resumed[step] = t
+        return self.resumed[step]
 
 
-def resave_child(run: Path, step: int) -> None:
+def fresh_child(writers: Writers, run: Path) -> None:
+    """A run from step 0 that saves every step, as the reference run did, into its own folder."""
+    t = writers.fresh
+    torch.set_rng_state(writers.fresh_rng)
+    run.mkdir()
+    t.run_dir = run
+    assert t.train() == "completed"
+
+
+def resave_child(writers: Writers, run: Path, step: int) -> None:
+    """A checkpoint resumed and saved over its own folder, then final/, again and again."""
     folder = run / "checkpoints" / checkpoint.step_dir_name(step)
-    opened = checkpoint.open_resume(folder)
-    t = Trainer(opened.cfg, lambda e: None, queue.Queue(), resume=opened)
-    t.setup()
+    t = writers.resumed_at(step)
+    checkpoint.load_rng(folder)
     for _ in range(50):  # until killed: the same folders, written again and again
         assert t.save_checkpoint(folder) == folder
         assert t.save_checkpoint(run / "final", with_optimizer=False) == run / "final"
@@ -125,12 +153,13 @@ def tmp_dirs(run: Path) -> set[str]:
     return found
 
 
-def trial(kind: str, out: Path, name: str, ref: Path, rng: random.Random) -> dict[str, Any] | None:
+def trial(kind: str, writers: Writers, name: str, rng: random.Random) -> dict[str, Any] | None:
     """Fork a child that writes checkpoints; SIGKILL it at a random moment of its n-th write."""
-    run = out / name
+    run = writers.out / name
     if kind == "resave":
-        shutil.copytree(ref, run)
+        shutil.copytree(writers.out / "ref", run)
         step = rng.randint(1, STEPS - 1)
+        writers.resumed_at(step)  # set up here, once, not in the child
         nth = rng.randint(1, 6)
     else:
         nth = rng.randint(1, STEPS)  # STEPS - 1 checkpoints, then final/
@@ -139,9 +168,9 @@ def trial(kind: str, out: Path, name: str, ref: Path, rng: random.Random) -> dic
         code = 0
         try:
             if kind == "resave":
-                resave_child(run, step)
+                resave_child(writers, run, step)
             else:
-                fresh_child(out, name)
+                fresh_child(writers, run)
         except BaseException:
             code = 3
         os._exit(code)
@@ -241,11 +270,12 @@ def main() -> None:
     ref_losses, ref_trainer = train(make_cfg(out, "ref"))
     assert ref_trainer.run_dir == out / "ref"
     ref_digests = {digest(f): int(f.name.split("-")[1]) for f in (out / "ref" / "checkpoints").iterdir()}
+    writers = Writers(out)
     trials: list[dict] = []
     attempts = 0
     while len(trials) < args.kills and attempts < 4 * args.kills:
         kind = "fresh" if attempts % 2 == 0 else "resave"
-        result = trial(kind, out, f"k{attempts:03d}", out / "ref", rng)
+        result = trial(kind, writers, f"k{attempts:03d}", rng)
         attempts += 1
         if result is not None:
             trials.append(result)
