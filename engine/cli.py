@@ -227,6 +227,7 @@ class Signals:
         self.count = 0
         self.session: Any = None
         self.cancel_at: float | None = None
+        self.abandoned = False  # the engine did not end within CANCEL_GRACE_S of a cancel
         self._noted: list[str] = []
         self._previous: dict[int, Any] = {}
 
@@ -264,25 +265,34 @@ class Signals:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; ``argv`` None reads this process's command line (the installed command)."""
     args = parse_args(argv)
     printer = Printer(args.quiet, sys.stderr if sys.stderr.isatty() else sys.stdout)
     signals = Signals(printer.say)
     signals.install()
     try:
-        return _run(args, printer, signals)
+        code = _run(args, printer, signals)
     except KeyboardInterrupt:
         print("tunedeck-train: interrupted before the run started; nothing to save", file=sys.stderr)
-        return 1
+        code = 1
     except Exception as e:  # a bug in this command itself: its traceback is kept, then one line
         where = keep_traceback(traceback.format_exc(), None)
         print(
             f"tunedeck-train: internal error: {type(e).__name__}: {e} (this is a bug; the traceback is {where})",
             file=sys.stderr,
         )
-        return 1
+        code = 1
     finally:
         signals.restore()
         printer.close()
+    if signals.abandoned and argv is None:
+        # The engine is left in a call that does not return; the interpreter's teardown (seconds
+        # with torch loaded) need not wait. Every file written is whole or a hidden temporary one.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _run(args: argparse.Namespace, printer: Printer, signals: Signals) -> int:
@@ -332,6 +342,7 @@ def _run(args: argparse.Namespace, printer: Printer, signals: Signals) -> int:
                     "(checkpoints already written are complete)"
                 )
                 end = EndEvent(status="cancelled", step=watch.step, output=None)
+                signals.abandoned = True
             if end is None:
                 time.sleep(0.05)
     finally:
@@ -339,7 +350,8 @@ def _run(args: argparse.Namespace, printer: Printer, signals: Signals) -> int:
             ctl.stop()
         signals.restore()
         printer.close()
-    session.join(CANCEL_GRACE_S if signals.cancel_at is not None else None)
+    if not signals.abandoned:
+        session.join()
     where = f" -> {end.output}" if end.output else ""
     with contextlib.suppress(OSError, ValueError):
         print(

@@ -153,9 +153,9 @@ class WriteFailed(Exception):
 
 
 def existing_parent(path: Path) -> Path:
-    """``path`` or its nearest ancestor that exists."""
+    """``path`` or its nearest ancestor that is an existing folder (the one a file is written in)."""
     p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
+    while not p.is_dir() and p != p.parent:
         p = p.parent
     return p
 

@@ -115,7 +115,9 @@ def writable_folder(folder: Path, name: str) -> None:
                 f"{name} is under {fs}, a kernel file system that cannot hold files",
                 "choose a folder on a disk, e.g. runs or ~/tunedeck-runs",
             )
-    parent = durable.existing_parent(folder)
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     if not parent.is_dir():
         where = "is a file" if parent == folder else f"is inside {parent}, which is a file"
         raise ConfigError(f"{name} {where}, not a folder", "choose a folder; a missing one is created")
