@@ -93,11 +93,18 @@ def _schedule(cfg: Config) -> None:
 
 
 def _run_parent(cfg: Config, resume: str | Path | None) -> tuple[Path, str]:
-    """The folder a run's files go into, and the setting that names it."""
+    """The folder a run's files go into, and the setting that names it: for a resume, its run's
+    folder when it continues there, else where its new run folder goes (see :mod:`resume`)."""
     if resume is not None:
-        folder = Path(resume)
-        if folder.parent.name == "checkpoints":
-            return folder.parent.parent, f"the run folder of {folder}"
+        from tunedeck.engine import checkpoint
+        from tunedeck.engine import resume as resume_mod
+
+        opened = checkpoint.open_resume(resume)
+        home = resume_mod.home(opened, cfg.train)
+        if home is not None:
+            return home, f"the run folder of {resume}"
+        root = resume_mod.output_root(opened, cfg.train)
+        return root, f"train.output_dir={root}"
     return Path(cfg.train.output_dir).expanduser(), f"train.output_dir={cfg.train.output_dir}"
 
 

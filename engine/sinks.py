@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tunedeck.engine import durable
-from tunedeck.engine.protocol import EndEvent, EvalEvent, Event, StartEvent, StepEvent, WarningEvent
+from tunedeck.engine.protocol import (
+    EndEvent,
+    EvalEvent,
+    Event,
+    RollbackEvent,
+    StartEvent,
+    StepEvent,
+    WarningEvent,
+)
 
 
 class EventSink(Protocol):
@@ -180,9 +188,11 @@ class TensorBoardSink(_Retrying):
 
     Opened at the ``start`` event, the one that knows the step a resume begins at: a resumed run's
     file starts with TensorBoard's purge marker (as ``SummaryWriter(purge_step=)`` writes it), which
-    drops the steps the run redoes. The records are written here, in the engine's thread, and not
-    by ``SummaryWriter``'s background thread, so a failed write is kept and retried like
-    :class:`JsonlSink`'s rather than lost with a traceback from that thread.
+    drops the steps the run redoes. A rollback writes the same marker: TensorBoard shows the
+    trajectory the run is on (metrics.jsonl keeps the abandoned branches too). The records are
+    written here, in the engine's thread, and not by ``SummaryWriter``'s background thread, so a
+    failed write is kept and retried like :class:`JsonlSink`'s rather than lost with a traceback
+    from that thread.
     """
 
     STEP_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_s", "mem_allocated_mb")
@@ -204,18 +214,16 @@ class TensorBoardSink(_Retrying):
 
     def write(self, event: Event) -> None:
         from tensorboard.compat.proto.event_pb2 import Event as TBEvent
-        from tensorboard.compat.proto.event_pb2 import SessionLog
 
         match event:
             case StartEvent(step=step, resumed_from=resumed) if self._file is None:
                 name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.tunedeck"
                 self._file = _Appender(self.folder / name)
-                now = time.time()
-                self._keep(TBEvent(wall_time=now, file_version="brain.Event:2"))
-                if resumed:  # the events SummaryWriter(purge_step=step + 1) starts its file with
-                    start = SessionLog(status=SessionLog.START)
-                    self._keep(TBEvent(wall_time=now, step=step + 1, file_version="brain.Event:2"))
-                    self._keep(TBEvent(wall_time=now, step=step + 1, session_log=start))
+                self._keep(TBEvent(wall_time=time.time(), file_version="brain.Event:2"))
+                if resumed:
+                    self._purge_from(step + 1)
+            case RollbackEvent(to_step=to_step) if self._file is not None:
+                self._purge_from(to_step + 1)
             case StepEvent() if self._file is not None:
                 for key in self.STEP_KEYS:
                     value = getattr(event, key)
@@ -227,6 +235,16 @@ class TensorBoardSink(_Retrying):
                 return
         if self._due():
             self._flush()
+
+    def _purge_from(self, step: int) -> None:
+        """The events ``SummaryWriter(purge_step=step)`` starts its file with: TensorBoard drops the
+        steps from ``step`` on that it read before them."""
+        from tensorboard.compat.proto.event_pb2 import Event as TBEvent
+        from tensorboard.compat.proto.event_pb2 import SessionLog
+
+        now = time.time()
+        self._keep(TBEvent(wall_time=now, step=step, file_version="brain.Event:2"))
+        self._keep(TBEvent(wall_time=now, step=step, session_log=SessionLog(status=SessionLog.START)))
 
     def close(self) -> None:
         if self._file is not None:
