@@ -307,20 +307,31 @@ class Trainer:
                 root = resume_mod.output_root(self.resume, self.cfg.train)
             name = self.cfg.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
             self.run_dir = durable.make_run_dir(root, name)
+        run_dir, resume = self.run_dir, self.resume
+        if resume is not None and home is None:
+            self.parent = self._write_or_warn(
+                resume_mod.PARENT_FILE, lambda: resume_mod.write_parent(run_dir, resume)
+            )
+        # Every checkpoint holds its config too: a run whose copy here cannot be written goes on.
+        self._write_or_warn("config.yaml", lambda: config_mod.save(self.cfg, run_dir / "config.yaml"))
+        if self.on_run_dir is not None:
+            self.on_run_dir(self.run_dir)
+
+    def _write_or_warn(self, name: str, write: Callable[[], Any]) -> Any:
+        """Write a file of the run folder and return what ``write`` returns; one that cannot be
+        written is a warning (None returned), and the run goes on."""
+        assert self.run_dir is not None
         try:
-            if self.resume is not None and home is None:
-                self.parent = resume_mod.write_parent(self.run_dir, self.resume)
-            config_mod.save(self.cfg, self.run_dir / "config.yaml")
-        except OSError as e:  # every checkpoint holds its config too: go on without this copy
+            return write()
+        except OSError as e:
             self.emit(
                 WarningEvent(
-                    message=f"could not write {e.filename or self.run_dir}: {durable.describe(e, self.run_dir)}",
+                    message=f"could not write {self.run_dir / name}: {durable.describe(e, self.run_dir)}",
                     kind="config",
                     advice=durable.WRITE_ADVICE,
                 )
             )
-        if self.on_run_dir is not None:
-            self.on_run_dir(self.run_dir)
+            return None
 
     def _start_event(self) -> StartEvent:
         assert self.plan is not None and self.run_dir is not None
