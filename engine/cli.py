@@ -26,6 +26,7 @@ from tunedeck.engine.protocol import (
     ErrorEvent,
     EvalEvent,
     Event,
+    ProgressEvent,
     SampleEvent,
     StartEvent,
     StateEvent,
@@ -133,6 +134,7 @@ class Printer:
         self.quiet = quiet
         self.stream = stream
         self.bar = None
+        self.stage_bar: Any = None  # a bar for a long preparation (ProgressEvent), one stage at a time
         self.tty = stream.isatty() and not quiet
 
     def say(self, text: str) -> None:
@@ -147,6 +149,22 @@ class Printer:
             self.say(f"{e.type}: {e.message}{advice}")
         elif self.quiet:
             return
+        elif isinstance(e, ProgressEvent):
+            finished = e.total is not None and e.done >= e.total
+            if self.tty:
+                from tqdm.auto import tqdm
+
+                if self.stage_bar is None or self.stage_bar.desc != e.stage:
+                    if self.stage_bar is not None:
+                        self.stage_bar.close()
+                    self.stage_bar = tqdm(desc=e.stage, unit=e.unit, file=self.stream, dynamic_ncols=True)
+                self.stage_bar.total = e.total
+                self.stage_bar.update(e.done - self.stage_bar.n)
+                if finished:
+                    self.stage_bar.close()
+                    self.stage_bar = None
+            elif finished:
+                self.say(f"{e.stage}: {e.done:,} {e.unit}")
         elif isinstance(e, StartEvent):
             m, d = e.model, e.data
             self.say(
@@ -190,6 +208,9 @@ class Printer:
             self.say("paused")
 
     def close(self) -> None:
+        if self.stage_bar is not None:
+            self.stage_bar.close()
+            self.stage_bar = None
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -129,7 +129,7 @@ class Trainer:
         self.model, self.tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
         self.varlen = attention.enable_varlen(self.model, cfg.data.packing, self.device, self.loaded.dtype)
         self.compiled: str | None = None
-        splits = data.load_examples(cfg.data, self.tokenizer, t.seed)
+        splits = data.load_examples(cfg.data, self.tokenizer, t.seed, data.tokenizing_progress(self.emit))
         self.train_examples, self.eval_examples = splits.train, splits.eval
         self.data_format = splits.format
         if splits.dropped:
