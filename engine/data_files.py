@@ -113,14 +113,14 @@ def _jsonl(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             start, end = end, end + len(raw)
             if number == 1 and raw.startswith(codecs.BOM_UTF8):  # editors on Windows prepend one
                 raw, start = raw[len(codecs.BOM_UTF8) :], start + len(codecs.BOM_UTF8)
-            line = _decode(p, raw, number, start)
+            line = _decode(p, raw, number, start).rstrip("\r\n")
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(
-                    f"{p}, line {number}: malformed JSON ({e.msg} at column {e.colno})",
+                    f"{p}, line {number}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})",
                     "fix that line: each line must be one complete JSON object",
                 ) from None
             if not isinstance(row, dict):
@@ -207,7 +207,7 @@ def _first_bad_byte(p: Path) -> tuple[int, int]:
 
 
 def _parquet(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
     try:
         reader = pq.ParquetFile(p)

@@ -58,17 +58,15 @@ class TokenFile:
     grow with the pages a run has read (they are the kernel's page cache)."""
 
     def __init__(self, path: Path) -> None:
-        import mmap
-
-        import pyarrow as pa
+        import pyarrow as pa  # type: ignore[import-untyped]
 
         self.path = path
-        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            whole = pa.py_buffer(mm)
-            table = pa.ipc.open_stream(pa.BufferReader(whole)).read_all()
-            ids, ids_len = _layout(table.column("input_ids"), whole)
-            labels, labels_len = _layout(table.column("labels"), whole)
-            del table, whole  # the map can close only when nothing points into it
+        # Mapped only to learn the layout (zero-copy); unmapped when these go.
+        whole = pa.memory_map(str(path)).read_buffer()
+        table = pa.ipc.open_stream(whole).read_all()
+        ids, ids_len = _layout(table.column("input_ids"), whole)
+        labels, labels_len = _layout(table.column("labels"), whole)
+        del table, whole
         if not np.array_equal(ids_len, labels_len):
             raise ValueError(f"{path}: input_ids and labels differ in length")
         self._ids, self._labels, self._len = ids, labels, ids_len * 4
@@ -307,8 +305,9 @@ def build(
         except OSError:  # another run built the same folder meanwhile: theirs is as good
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
+        error = _write_error(root, e)  # before the clean-up, which frees the space it names
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(root, e) from None
+        raise error from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
