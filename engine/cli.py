@@ -149,22 +149,18 @@ class Printer:
             self.say(f"{e.type}: {e.message}{advice}")
         elif self.quiet:
             return
-        elif isinstance(e, ProgressEvent):
-            finished = e.total is not None and e.done >= e.total
-            if self.tty:
-                from tqdm.auto import tqdm
+        elif isinstance(e, ProgressEvent) and self.tty:
+            from tqdm.auto import tqdm
 
-                if self.stage_bar is None or self.stage_bar.desc != e.stage:
-                    if self.stage_bar is not None:
-                        self.stage_bar.close()
-                    self.stage_bar = tqdm(desc=e.stage, unit=e.unit, file=self.stream, dynamic_ncols=True)
-                self.stage_bar.total = e.total
-                self.stage_bar.update(e.done - self.stage_bar.n)
-                if finished:
+            if self.stage_bar is None or self.stage_bar.desc != e.stage:
+                if self.stage_bar is not None:
                     self.stage_bar.close()
-                    self.stage_bar = None
-            elif finished:
-                self.say(f"{e.stage}: {e.done:,} {e.unit}")
+                self.stage_bar = tqdm(desc=e.stage, unit=e.unit, file=self.stream, dynamic_ncols=True)
+            self.stage_bar.total = e.total
+            self.stage_bar.update(e.done - self.stage_bar.n)
+            if e.total is not None and e.done >= e.total:
+                self.stage_bar.close()
+                self.stage_bar = None
         elif isinstance(e, StartEvent):
             m, d = e.model, e.data
             self.say(
