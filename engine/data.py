@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from tunedeck.engine import examples as store
 from tunedeck.engine import paths
 from tunedeck.engine.builtin import DEMO, DEMO_FILE
@@ -41,7 +42,7 @@ from tunedeck.engine.formats import (
     tokenize_rows,
 )
 from tunedeck.engine.packing import CU_K, CU_Q
-from tunedeck.engine.protocol import Event, ProgressEvent
+from tunedeck.engine.protocol import ProgressEvent
 
 __all__ = [
     "FORMATS",
@@ -56,7 +57,6 @@ __all__ = [
     "preview",
     "prompt_ids",
     "tokenize_rows",
-    "tokenizing_progress",
 ]
 
 
@@ -149,12 +149,15 @@ def preview(path: str, n: int = 5) -> tuple[str, list[dict], int]:
 
 
 def load_examples(
-    cfg: DataConfig, tokenizer: Any, seed: int, progress: Callable[[int, int | None], None] | None = None
+    cfg: DataConfig, tokenizer: Any, seed: int, progress: Callable[[ProgressEvent], None] | None = None
 ) -> Splits:
     """Load, detect (or check the forced) format, tokenize, and split off the eval examples.
 
-    ``progress(done, total)`` is called a few times a second while rows are read (``total`` None)
-    and tokenized; a dataset tokenized before with the same settings is opened at once."""
+    ``progress`` (the trainer's emit) gets progress events with ``unit="rows"``: stage
+    ``reading`` while a local file is read and checked (``total`` unknown until the end), then
+    ``tokenizing`` out of the rows read, each from 0 done to the total, a few times a second. A
+    dataset tokenized before with the same settings is opened at once: one ``tokenizing`` event,
+    done."""
     source = open_source(cfg.path, cfg.split)
     if isinstance(source, Files):
         identity: Any = source.stamp()
@@ -167,7 +170,7 @@ def load_examples(
         tokenize = Tokenize(fmt, tokenizer, cfg.max_length, cfg.completion_only_loss)
         prepared = store.build(key, source, fmt, tokenize, cfg.path, progress)
     elif progress is not None:
-        progress(prepared.rows, prepared.rows)
+        progress(ProgressEvent(stage="tokenizing", done=prepared.rows, total=prepared.rows, unit="rows"))
     n = len(prepared.file)
     if not n:
         raise DataError(
@@ -186,15 +189,6 @@ def load_examples(
     train = store.Examples(prepared.file, np.flatnonzero(~held))
     evals = store.Examples(prepared.file, np.flatnonzero(held))
     return Splits(train=train, eval=evals, format=prepared.format, dropped=prepared.dropped)
-
-
-def tokenizing_progress(emit: Callable[[Event], None]) -> Callable[[int, int | None], None]:
-    """A ``progress`` for :func:`load_examples` that reports through ``emit``, as progress events."""
-
-    def progress(done: int, total: int | None) -> None:
-        emit(ProgressEvent(stage="tokenizing", done=done, total=total, unit="rows"))
-
-    return progress
 
 
 def _first_columns(source: Files | Any, path: str) -> list[str]:

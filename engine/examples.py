@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
+
 from tunedeck.engine import builtin
 from tunedeck.engine.data_files import Files, short
 from tunedeck.engine.errors import DataError
 from tunedeck.engine.formats import COLUMNS, Example, Rules, Tokenize, check_row
+from tunedeck.engine.protocol import ProgressEvent
 
 # Bump when what a cache folder holds changes. How rows become examples is in the fingerprint (the
 # source of the modules that do it), so a change there never reuses an old folder.
@@ -41,7 +43,8 @@ BATCH = 1000
 # Folders not opened for this long are removed when another is built.
 KEEP_UNUSED_S = 30 * 86400
 
-Progress = Callable[[int, int | None], None]
+# Where progress events go (the trainer's emit); they say what is done to how many rows.
+Progress = Callable[[ProgressEvent], None]
 
 
 def cache_root() -> Path:
@@ -246,7 +249,7 @@ def build(
                     f"dataset {describe} has no rows",
                     "add examples to it, or point data.path at another dataset",
                 )
-            tick = _Ticker(progress, rows)
+            tick = _Ticker(progress, "tokenizing", rows)
 
             def batch(columns: dict[str, list], indices: list[int]) -> dict[str, list]:
                 names = list(columns)
@@ -280,7 +283,7 @@ def build(
                 new_fingerprint=key,
                 load_from_cache_file=False,
             )
-            tick(rows, force=True)
+            tick(rows, force=True)  # (the last batch may have been within the interval)
             examples = len(out)
             del out, raw
         finally:
@@ -344,7 +347,7 @@ def _write_rows(
 
     starts: list[int] = []  # index of the first row of each file
     files: list[Path] = []
-    tick = _Ticker(progress, None)
+    tick = _Ticker(progress, "reading", None)
     n = 0
     writer = ArrowWriter(features=_features(fmt), path=str(path), writer_batch_size=BATCH)
     try:
@@ -359,6 +362,7 @@ def _write_rows(
         writer.finalize()
     finally:
         writer.close()
+    tick(n, force=True, total=n)
 
     def where(i: int) -> str:
         f = bisect.bisect_right(starts, i) - 1
@@ -428,15 +432,18 @@ def _alive(pid: int) -> bool:
 
 
 class _Ticker:
-    """Calls ``progress(done, total)`` at most a few times a second, and always at the end."""
+    """Reports ``done`` rows of ``total`` (None: unknown yet) as progress events of ``stage``: at
+    once (0 done), then at most five times a second, and when told it is the end (once)."""
 
-    def __init__(self, progress: Progress | None, total: int | None) -> None:
-        self.progress, self.total, self.last = progress, total, 0.0
+    def __init__(self, progress: Progress | None, stage: str, total: int | None) -> None:
+        self.progress, self.stage, self.total, self.last = progress, stage, total, time.monotonic()
+        self.sent: tuple[int, int | None] = (0, total)
+        if progress is not None:
+            progress(ProgressEvent(stage=stage, done=0, total=total, unit="rows"))
 
-    def __call__(self, done: int, force: bool = False) -> None:
-        if self.progress is None:
+    def __call__(self, done: int, force: bool = False, total: int | None = None) -> None:
+        now, total = time.monotonic(), total or self.total
+        if self.progress is None or (done, total) == self.sent or not (force or now - self.last >= 0.2):
             return
-        now = time.monotonic()
-        if force or now - self.last >= 0.2:
-            self.last = now
-            self.progress(done, self.total)
+        self.last, self.sent = now, (done, total)
+        self.progress(ProgressEvent(stage=self.stage, done=done, total=total, unit="rows"))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tunedeck.engine.protocol import (
     ChangeEvent,
     CheckpointEvent,

@@ -15,6 +15,7 @@ import yaml
 from PySide6.QtCore import QEvent, QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import QDockWidget, QFileDialog, QMainWindow, QMessageBox, QVBoxLayout, QWidget
+
 from tunedeck.engine import builtin
 from tunedeck.engine import config as cfgmod
 from tunedeck.engine.config import Config

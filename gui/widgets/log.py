@@ -8,6 +8,7 @@ import time
 
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QPlainTextEdit, QPushButton, QVBoxLayout, QWidget
+
 from tunedeck.engine.protocol import (
     ChangeEvent,
     CheckpointEvent,

@@ -19,6 +19,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import QLineF, QRectF, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QPen
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget
+
 from tunedeck.gui.history import Change, Envelope, RunHistory, Series, Smoother, fmt_number
 from tunedeck.gui.widgets.theme import COLORS, GRID, GRID_MINOR, MUTED
 

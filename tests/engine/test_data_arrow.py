@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from tunedeck.engine import builtin, data_files
 from tunedeck.engine import examples as store
 from tunedeck.engine.cli import Printer
@@ -79,20 +80,25 @@ def test_the_examples_and_split_are_those_of_the_in_memory_pipeline(tmp_path, to
 
 
 def test_a_second_load_opens_the_cache_without_reading_the_file(tmp_path, tok, cache, monkeypatch):
-    p = (
-        write_jsonl(tmp_path / "data" / "d.jsonl", rows_of(2500))
-        if (tmp_path / "data").mkdir() is None
-        else None
-    )
+    (tmp_path / "data").mkdir()
+    p = write_jsonl(tmp_path / "data" / "d.jsonl", rows_of(2500))
     cfg = DataConfig(path=str(p), max_length=32)
-    calls: list[tuple[int, int | None]] = []
-    first = load_examples(cfg, tok, seed=1, progress=lambda done, total: calls.append((done, total)))
-    # Rows counted while read (total unknown), then tokenized out of the total, ending at the total.
-    reading = [c for c in calls if c[1] is None]
-    tokenizing = [c for c in calls if c[1] is not None]
-    assert reading and reading[0] == (1000, None) and calls.index(reading[-1]) < calls.index(tokenizing[0])
-    assert tokenizing[-1] == (2500, 2500) and {t for _, t in tokenizing} == {2500}
+    events: list[ProgressEvent] = []
+    first = load_examples(cfg, tok, seed=1, progress=events.append)
+    # Rows counted while read and checked (total unknown until the end), then tokenized out of them.
+    stages = [e.stage for e in events]
+    assert stages == sorted(stages, key=["reading", "tokenizing"].index) and set(stages) == {
+        "reading",
+        "tokenizing",
+    }
+    reading = [(e.done, e.total) for e in events if e.stage == "reading"]
+    tokenizing = [(e.done, e.total) for e in events if e.stage == "tokenizing"]
+    assert reading[0] == (0, None) and reading[-1] == (2500, 2500) and {t for _, t in reading[1:-1]} <= {None}
+    assert (
+        tokenizing[0] == (0, 2500) and tokenizing[-1] == (2500, 2500) and {t for _, t in tokenizing} == {2500}
+    )
     assert [d for d, _ in tokenizing] == sorted(d for d, _ in tokenizing)
+    assert {e.unit for e in events} == {"rows"}
     # The cache is under the builtin cache folder, never beside the data.
     assert os.listdir(tmp_path / "data") == ["d.jsonl"]
     (folder,) = cache.iterdir()
@@ -102,11 +108,11 @@ def test_a_second_load_opens_the_cache_without_reading_the_file(tmp_path, tok, c
         raise AssertionError("the file was read again")
 
     monkeypatch.setattr(data_files.Files, "rows", no_reading)
-    calls.clear()
+    events.clear()
     t = time.perf_counter()
-    second = load_examples(cfg, tok, seed=1, progress=lambda done, total: calls.append((done, total)))
+    second = load_examples(cfg, tok, seed=1, progress=events.append)
     assert time.perf_counter() - t < 1.0
-    assert calls == [(2500, 2500)]
+    assert [(e.stage, e.done, e.total) for e in events] == [("tokenizing", 2500, 2500)]
     assert second == first and list(cache.iterdir()) == [folder]
 
 
@@ -189,19 +195,28 @@ class Tty(io.StringIO):
         return True
 
 
-def test_the_cli_draws_tokenizing_progress_as_a_bar():
-    out = Tty()
-    printer = Printer(quiet=False, stream=out)
-    for done, total in [(1000, None), (2000, None), (500, 2500), (2500, 2500)]:
-        printer.handle(ProgressEvent(stage="tokenizing", done=done, total=total, unit="rows"))
-    assert printer.stage_bar is None  # closed at the total
-    text = out.getvalue()
-    assert text.startswith("\rtokenizing: 0rows") and "tokenizing: 100%" in text and "| 2500/2500 [" in text
-    plain = io.StringIO()  # a log file: no bar, no line per update
-    printer = Printer(quiet=False, stream=plain)
-    for done, total in [(1000, None), (500, 2500), (2500, 2500)]:
-        printer.handle(ProgressEvent(stage="tokenizing", done=done, total=total, unit="rows"))
-    assert plain.getvalue() == ""
+def test_the_terminal_shows_reading_and_tokenizing(tmp_path, tok, cache):
+    """The events of a load, through the CLI's printer: a bar each on a terminal, lines in a log."""
+    p = write_jsonl(tmp_path / "d.jsonl", rows_of(2500))
+    events: list[ProgressEvent] = []
+    load_examples(DataConfig(path=str(p), max_length=32), tok, seed=1, progress=events.append)
+    log = io.StringIO()
+    printer = Printer(quiet=False, stream=log)
+    for e in events:
+        printer.handle(e)
+    assert log.getvalue().splitlines() == [
+        "reading...",
+        "reading: 2,500 rows done",
+        "tokenizing 2,500 rows...",
+        "tokenizing: 2,500 rows done",
+    ]
+    tty = Tty()
+    printer = Printer(quiet=False, stream=tty)
+    for e in events:
+        printer.handle(e)
+    assert printer.prep is None  # each bar closed (and cleared) at its total
+    text = tty.getvalue()
+    assert text.index("\rreading: 0 rows [") < text.index("\rtokenizing:   0%|          | 0/2500 [")
 
 
 # ---------------------------------------------------------------- a big file, in a subprocess
@@ -246,10 +261,13 @@ def test_a_run_reports_tokenizing_progress_before_it_starts(tmp_path):
 
     p = write_jsonl(tmp_path / "d.jsonl", rows_of(1500, seed=1))
     events, _ = run(make_cfg(tmp_path, data__path=str(p), train__max_steps=1))
-    progress = of(events, "progress")
-    assert {(e.stage, e.unit) for e in progress} == {("tokenizing", "rows")}
-    assert (progress[0].done, progress[0].total) == (1000, None)  # rows read so far
-    assert (progress[-1].done, progress[-1].total) == (1500, 1500)
+    progress = [e for e in of(events, "progress") if e.stage in ("reading", "tokenizing")]
+    assert [(e.stage, e.done, e.total) for e in progress if e.done in (0, 1500)] == [
+        ("reading", 0, None),
+        ("reading", 1500, 1500),
+        ("tokenizing", 0, 1500),
+        ("tokenizing", 1500, 1500),
+    ]
     assert events.index(progress[-1]) < events.index(of(events, "start")[0])
     assert of(events, "end")[0].status == "completed"
 

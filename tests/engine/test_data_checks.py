@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from tunedeck.engine import builtin
 from tunedeck.engine.config import DataConfig
 from tunedeck.engine.data import load_examples, load_rows, preview, tokenize_rows
