@@ -3,15 +3,18 @@
     python -m bench.big_data [--sizes 20 200] [--runs cold warm] [--code DIR] [--cap-gb 6] [--out r.json]
     python -m bench.big_data --demo [--steps 60] [--repeats 3] [--code DIR]
 
-Each size writes (once, into ``--work``) a prompt/completion JSONL of that many MB, ~935 bytes a row
-(200 MB is 214k rows, like the file in the report that started this), then runs
+Each size writes (once, into ``--work``) a prompt/completion JSONL of that many MB, ~935 bytes a
+row (200 MB is 213k rows, like the 214k of the report that started this), then runs
 ``python -m tunedeck.engine.cli`` on it as a child process: the demo preset (``builtin:tiny``,
-batch 16) with ``data.path`` set, ``data.max_length`` 512 (most rows are longer: they are cut), 3 steps, no eval, no periodic save. ``cold`` runs
-with an empty data cache, ``warm`` right after with the cache the cold run left. Reported per run:
-the child's peak RSS (``ru_maxrss`` from ``wait4``) and the time from spawning it to its first step
-(the ``time`` of the first ``step`` event in metrics.jsonl), of which importing and loading the tiny
-model take a few seconds whatever the data. A child whose RSS passes ``--cap-gb`` (sampled at 20 Hz)
-is killed and reported as such, so the old code cannot take the machine down.
+batch 16) with ``data.path`` set, ``data.max_length`` 512 (most rows are longer: they are cut),
+3 steps, no eval, no periodic save. ``cold`` runs with an empty data cache, ``warm`` right after
+with the cache the cold run left. Reported per run: the child's peak RSS (``ru_maxrss`` from
+``wait4``); the time from spawning it to its first step (the ``time`` of the first ``step`` event
+in metrics.jsonl), of which importing and loading the tiny model take several seconds whatever the
+data; and, sampled at 20 Hz from /proc, the peaks of its anonymous memory and of its resident
+pages of mapped files (clean pages the kernel can drop). A child whose RSS passes ``--cap-gb``
+(also sampled at 20 Hz) is killed and reported as such, so the old code cannot take the machine
+down.
 
 ``--code DIR`` runs the child against another tree of the package (``DIR/tunedeck/engine/...``,
 e.g. an export of an older commit) through PYTHONPATH; the default is the installed one.
@@ -105,14 +108,20 @@ def train_once(
         cmd, env=_child_env(cache, code), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     killed: dict[str, Any] = {}
+    peaks = {"RssAnon": 0, "RssFile": 0}
 
     def watch() -> None:
         p = psutil.Process(proc.pid)
         while proc.returncode is None:
             try:
                 rss = p.memory_info().rss
-            except psutil.Error:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+            except (psutil.Error, OSError):
                 return
+            for line in status.splitlines():
+                key, _, value = line.partition(":")
+                if key in peaks:
+                    peaks[key] = max(peaks[key], int(value.split()[0]))
             if rss > cap_gb * 2**30 or time.time() - t0 > timeout:
                 killed.update(rss_gb=rss / 2**30, after_s=time.time() - t0)
                 proc.kill()
@@ -135,6 +144,9 @@ def train_once(
     return {
         "exit": proc.returncode,
         "peak_rss_mb": round(usage.ru_maxrss / 1024),
+        # sampled at 20 Hz: anonymous memory, and pages of mapped files (which the kernel can drop)
+        "peak_anon_mb": round(peaks["RssAnon"] / 1024),
+        "peak_file_mb": round(peaks["RssFile"] / 1024),
         "first_step_s": None if first_step is None else round(first_step, 1),
         "wall_s": round(time.time() - t0, 1),
         "killed": killed or None,

@@ -207,7 +207,7 @@ def _first_bad_byte(p: Path) -> tuple[int, int]:
 
 
 def _parquet(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq
 
     try:
         reader = pq.ParquetFile(p)

@@ -61,7 +61,7 @@ class TokenFile:
     grow with the pages a run has read (they are the kernel's page cache)."""
 
     def __init__(self, path: Path) -> None:
-        import pyarrow as pa  # type: ignore[import-untyped]
+        import pyarrow as pa
 
         self.path = path
         # Mapped only to learn the layout (zero-copy); unmapped when these go.

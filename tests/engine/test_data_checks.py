@@ -168,3 +168,50 @@ def test_a_folder_is_read_by_split_as_datasets_names_its_files(tmp_path, tok):
         f"folder {empty} holds no .jsonl, .json, .csv, .parquet files "
         "(point data.path at a data file, or at a folder of them)"
     )
+
+
+# ---------------------------------------------------------------- hub datasets
+
+
+def test_a_hub_dataset_is_checked_row_by_row_and_cached(tok, monkeypatch, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake(name, split):
+        calls.append(name)
+        rows = [chat("user", "assistant") for _ in range(5)]
+        if name == "someone/bad":
+            rows[3] = chat("user", "wizard")
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert refusal(load_examples, DataConfig(path="someone/bad"), tok, seed=0) == (
+        "row 4: message 2 has the unknown role 'wizard' (use one of system, user, assistant)"
+    )
+    s = load_examples(DataConfig(path="someone/chat", eval_fraction=0.0), tok, seed=0)
+    assert (s.format, len(s.train)) == ("messages", 5)
+    assert (
+        tok.decode(s.train[0]["input_ids"])
+        == "<|user|>\nuser says hi\n<|assistant|>\nassistant says hi</s>\n"
+    )
+    again = load_examples(DataConfig(path="someone/chat", eval_fraction=0.0), tok, seed=0)
+    assert again == s and len(list((tmp_path / "cache" / "data").iterdir())) == 1
+
+
+def test_a_hub_dataset_whose_files_do_not_parse_is_not_a_network_problem(tok, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def fake(name, split):
+        try:
+            raise ValueError("JSON parse error: Missing a name for object member. in row 7")
+        except ValueError as e:
+            raise datasets.exceptions.DatasetGenerationError(
+                "An error occurred while generating the dataset"
+            ) from e
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert refusal(load_rows, "someone/broken") == (
+        "dataset 'someone/broken' (split 'train') has files that cannot be read: JSON parse error: "
+        "Missing a name for object member. in row 7 "
+        "(download its files and point data.path at them to find the bad one)"
+    )
