@@ -1,7 +1,7 @@
 """Datasets larger than memory: peak RSS and time to first step of ``tunedeck-train`` on big JSONL files.
 
     python -m bench.big_data [--sizes 20 200] [--runs cold warm] [--code DIR] [--cap-gb 6] [--out r.json]
-    python -m bench.big_data --demo [--steps 60] [--repeats 3] [--code DIR]
+    python -m bench.big_data --demo [--steps 60] [--repeats 4]
 
 Each size writes (once, into ``--work``) a prompt/completion JSONL of that many MB, ~935 bytes a
 row (200 MB is 213k rows, like the 214k of the report that started this), then runs
@@ -19,9 +19,10 @@ down.
 ``--code DIR`` runs the child against another tree of the package (``DIR/tunedeck/engine/...``,
 e.g. an export of an older commit) through PYTHONPATH; the default is the installed one.
 
-``--demo`` times the training loop on ``builtin:demo`` (steps/s from the step events' ``elapsed_s``,
-between step 10 and the last), to check that reading examples from Arrow costs the loop nothing,
-and the time of one ``train[j]`` access in this process.
+``--demo`` times the training loop on ``builtin:demo`` in this process (steps/s from the step
+events' ``elapsed_s``, between step 10 and the last) with the splits as ``load_examples`` gives them
+(each ``train[j]`` read from the Arrow file) and with the same examples in Python lists, alternating,
+to check that reading examples row by row costs the loop nothing; and the time of one ``train[j]``.
 """
 
 from __future__ import annotations
@@ -172,26 +173,45 @@ def run_sizes(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def run_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """steps/s of the loop on builtin:demo, and the cost of one example access in this process."""
-    work = Path(args.work)
-    cache = work / "cache"
-    prepare_cache(cache, args.code)
-    sets = [f"train.max_steps={args.steps}", "train.eval_steps=0", "train.save_steps=0"]
+    """steps/s of the trainer on builtin:demo in this process, its splits as loaded (read from the
+    Arrow file row by row) and the same splits copied into Python lists, alternating a, b then b, a."""
+    import queue
+
+    from tunedeck.engine import builtin, data
+    from tunedeck.engine import config as config_mod
+    from tunedeck.engine.trainer import Trainer
+
+    loaded = data.load_examples
+
+    def as_lists(*a: Any, **kw: Any) -> Any:
+        s = loaded(*a, **kw)
+        return data.Splits(train=list(s.train), eval=list(s.eval), format=s.format, dropped=s.dropped)
+
+    sets = [
+        f"train.max_steps={args.steps}",
+        "train.eval_steps=0",
+        "train.save_steps=0",
+        f"train.output_dir={Path(args.work) / 'runs-demo'}",
+    ]
     results = []
-    for _ in range(args.repeats):
-        out = work / "runs-demo"
-        r = train_once(Path("builtin:demo"), out, cache, args.code, args.cap_gb, sets, args.timeout)
-        steps = [
-            json.loads(line)
-            for metrics in out.glob("*/metrics.jsonl")
-            for line in metrics.read_text().splitlines()
-            if '"type": "step"' in line
-        ]
-        a, b = steps[9], steps[-1]
-        r["steps_per_s"] = round((b["step"] - a["step"]) / (b["elapsed_s"] - a["elapsed_s"]), 2)
-        r["median_step_ms"] = round(statistics.median(s["step_time_s"] for s in steps[10:]) * 1000, 2)
-        results.append(r)
-        print(json.dumps(r), flush=True)
+    try:
+        for r in range(args.repeats):
+            for kind in ("arrow", "list") if r % 2 == 0 else ("list", "arrow"):
+                data.load_examples = loaded if kind == "arrow" else as_lists
+                events: list[Any] = []
+                cfg = config_mod.apply_overrides(config_mod.load(builtin.DEMO_PRESET), sets)
+                Trainer(cfg, events.append, queue.Queue()).run()
+                steps = [e for e in events if e.type == "step"]
+                a, b = steps[9], steps[-1]
+                result = {
+                    "examples": kind,
+                    "steps_per_s": round((b.step - a.step) / (b.elapsed_s - a.elapsed_s), 2),
+                    "median_step_ms": round(statistics.median(e.step_time_s for e in steps[10:]) * 1000, 2),
+                }
+                results.append(result)
+                print(json.dumps(result), flush=True)
+    finally:
+        data.load_examples = loaded
     print(json.dumps(access_times()), flush=True)
     return results
 
@@ -223,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", default="/tmp/tunedeck-big-data", help="generated files, cache and runs")
     p.add_argument("--demo", action="store_true", help="time the loop on builtin:demo instead")
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--out", help="write the results here as JSON")
     args = p.parse_args(argv)
     results = run_demo(args) if args.demo else run_sizes(args)

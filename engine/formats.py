@@ -218,7 +218,7 @@ class Tokenize:
         examples = []
         for ids, labels in pairs:
             # A target after position 0 (list.count runs in C; this is per token of the whole dataset).
-            if labels.count(IGNORE_INDEX) - (labels[0] == IGNORE_INDEX) < len(labels) - 1:
+            if labels[1:].count(IGNORE_INDEX) < len(labels) - 1:
                 examples.append({"input_ids": ids, "labels": labels})
         return examples, len(pairs) - len(examples)
 
