@@ -93,7 +93,8 @@ def _child_env(cache: Path, code: str | None) -> dict[str, str]:
 def prepare_cache(cache: Path, code: str | None) -> None:
     """Write builtin:tiny into the bench's cache once, so no run pays for it."""
     cmd = [sys.executable, "-c", "from tunedeck.engine import builtin; builtin.tiny_model_dir()"]
-    subprocess.run(cmd, env=_child_env(cache, code), check=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    subprocess.run(cmd, env=_child_env(cache, code), cwd=cache.parent, check=True)
 
 
 def train_once(
@@ -105,8 +106,9 @@ def train_once(
     for s in [f"data.path={data}", *sets]:
         cmd += ["--set", s]
     t0 = time.time()
+    # Run from the cache's folder: from a checkout, its tunedeck/ folder would shadow ``--code``.
     proc = subprocess.Popen(
-        cmd, env=_child_env(cache, code), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        cmd, env=_child_env(cache, code), cwd=cache.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     killed: dict[str, Any] = {}
     peaks = {"RssAnon": 0, "RssFile": 0}
