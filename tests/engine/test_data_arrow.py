@@ -224,18 +224,20 @@ def test_the_terminal_shows_reading_and_tokenizing(tmp_path, tok, cache):
 
 @pytest.mark.slow
 def test_a_file_of_50_mb_trains_with_bounded_memory(tmp_path):
-    """50 MB of JSON lines (53k rows of ~935 bytes, tokenized at 1 token per byte) trained for 2 steps
-    by ``tunedeck-train`` in a child process with an empty cache. The old code held the whole text,
-    every row parsed and every row's full-length token list at once: it peaked at 2.8 GB on 20 MB and
-    was killed past 6 GB on 200 MB (bench/big_data.py). Streamed through Arrow the child peaks at
-    at 0.7 GB here (on 60 MB as on 20 MB), of which ~0.55 GB is torch, transformers and the model before any data; what
-    grows with the file is only the pages of the memory-mapped rows file the tokenizing reads (clean
-    file pages the kernel can drop). 1.2 GB leaves room for that and for noise, and is well under
-    what holding the data in memory costs."""
+    """50 MB of JSON lines (53k rows of ~935 bytes, 1 token per byte with builtin:tiny) trained for 2
+    steps by ``tunedeck-train`` in a child process with an empty cache. The code before Arrow held the
+    whole text, every row parsed and every row's full-length token list at once: run this way on
+    this file it passed 4 GB before it was killed (and 2.8 GB on 20 MB, 6 GB on 200 MB in
+    bench/big_data.py). Here the child peaked at 0.69-0.70 GB (on 60 MB as on 50 MB), of which
+    ~0.55 GB is torch, transformers and the model before any data; what grows with the file is the
+    resident pages of the memory-mapped rows file while it is tokenized (clean pages the kernel can
+    drop). 1.2 GB leaves room for that and for noise, and is under half what the old code took on a
+    file 2.5x smaller."""
     from bench.big_data import make_jsonl
 
     data = make_jsonl(tmp_path / "big.jsonl", 50)
-    env = {**os.environ, "TUNEDECK_CACHE": str(tmp_path / "cache")}
+    # Both cores for the tokenizer, as a user's run has them (the test session turns that off).
+    env = {**os.environ, "TUNEDECK_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "true"}
     cmd = [sys.executable, "-m", "tunedeck.engine.cli", "--quiet", "--output-dir", str(tmp_path / "runs")]
     for s in (f"data.path={data}", "data.max_length=64", "data.completion_only_loss=false",
               "train.per_device_train_batch_size=4",
