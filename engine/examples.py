@@ -1,12 +1,13 @@
-"""Tokenized examples on disk: built through Arrow, memory-mapped, and kept between runs.
+"""Tokenized examples on disk: built through Arrow, kept between runs, read one at a time.
 
-A dataset is tokenized once per (content, tokenizer, format, max_length, completion_only_loss):
-its rows are read as a stream and written to an Arrow file, checked row by row, then tokenized
-with ``datasets.Dataset.map(batched=True)`` into ``input_ids``/``labels`` (int32) in a cache
-folder named by the fingerprint of all of that, under ``<builtin cache>/data/``. A second run with
-the same file, tokenizer and settings opens that folder and starts at once; nothing is ever held
-whole in memory, and the pages of the file are the kernel's to drop. A local file is known by its
-path, size and modification time; a hub dataset by its ``datasets`` fingerprint.
+A dataset is tokenized once per (content, tokenizer, format, max_length, completion_only_loss,
+and the code that does it): its rows are read as a stream, checked and written to an Arrow file,
+then tokenized with ``datasets.Dataset.map(batched=True)`` (memory-mapped input, batches of rows)
+into ``input_ids``/``labels`` (int32) in a cache folder named by the fingerprint of all of that,
+under ``<builtin cache>/data/``. A second run with the same file, tokenizer and settings opens
+that folder and starts at once. Nothing is ever held whole in memory: the splits read each
+example from the file when it is asked for. A local file is known by its path, size and
+modification time; a hub dataset by its ``datasets`` fingerprint.
 """
 
 from __future__ import annotations

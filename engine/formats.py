@@ -211,10 +211,14 @@ class Tokenize:
             # The cut of each part at max_length leaves the same first max_length tokens of the whole.
             p_ids = encode(self.tokenizer, prompts, self.max_length)
             a_ids = encode(self.tokenizer, answers, self.max_length)
+            cut = self.max_length
             for p, a in zip(p_ids, a_ids, strict=True):
-                prompt, answer = self.bos + p, a + self.eos
+                prompt = (self.bos + p)[:cut]
+                room = cut - len(prompt)
+                answer = a[:room]
+                answer += self.eos[: room - len(answer)]
                 masked = [IGNORE_INDEX] * len(prompt) if self.completion_only_loss else prompt
-                pairs.append(((prompt + answer)[: self.max_length], (masked + answer)[: self.max_length]))
+                pairs.append((prompt + answer, masked + answer))
         examples = []
         for ids, labels in pairs:
             # A target after position 0 (list.count runs in C; this is per token of the whole dataset).
