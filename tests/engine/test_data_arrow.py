@@ -151,6 +151,16 @@ def test_a_damaged_cache_entry_is_rebuilt(tmp_path, tok, cache):
     assert load_examples(cfg, tok, seed=0).train == good
 
 
+def test_what_a_dead_build_left_is_removed_and_a_live_one_kept(tmp_path, tok, cache):
+    dead, live = cache / ".0123.tmp-999999999", cache / f".4567.tmp-{os.getpid()}"
+    for folder in (dead, live):
+        folder.mkdir(parents=True)
+        (folder / "rows.arrow").write_bytes(b"half written")
+    p = write_jsonl(tmp_path / "d.jsonl", rows_of(10))
+    load_examples(DataConfig(path=str(p), max_length=32), tok, seed=0)
+    assert not dead.exists() and live.exists()
+
+
 def test_one_example_costs_microseconds(tmp_path, tok, cache):
     p = write_jsonl(tmp_path / "d.jsonl", rows_of(3000))
     train = load_examples(DataConfig(path=str(p), max_length=32), tok, seed=0).train
