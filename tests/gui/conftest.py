@@ -79,3 +79,9 @@ def make_window(qtbot, settings):
         win.close()
         win.deleteLater()
     qtbot.wait(1)
+
+
+@pytest.fixture(autouse=True)
+def _data_home(tmp_path, monkeypatch):
+    """The window's default runs folder lies in the user's data folder: a temporary one here."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data-home"))

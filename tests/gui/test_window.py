@@ -128,7 +128,7 @@ def test_an_engine_failure_is_shown_and_a_new_run_can_start(make_window, make_co
     # and overlays on a second one for comparison
     other.compare_run(run_dir)
     other.plots.refresh(force=True)
-    assert len(other.plots.o_loss.item.getOriginalDataset()[0]) == 3
+    assert len(other.plots.overlays[0].loss.item.getOriginalDataset()[0]) == 3
     assert other.clear_compare_action.isEnabled()
 
 

@@ -1,0 +1,74 @@
+"""The "now" strip above the plots: the current values at a glance, without hovering."""
+
+from __future__ import annotations
+
+import math
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QSizePolicy, QWidget
+from tunedeck.gui.history import RunHistory, fmt_duration, fmt_mb, fmt_number
+from tunedeck.gui.widgets.theme import COLORS, MUTED
+
+FIELDS = [
+    ("step", None),
+    ("loss", COLORS["loss"]),
+    ("lr", COLORS["lr"]),
+    ("grad norm", COLORS["grad_norm"]),
+    ("tok/s", COLORS["tokens_per_s"]),
+    ("memory", COLORS["mem_allocated"]),
+    ("ETA", None),
+]
+
+
+class NowStrip(QWidget):
+    """Step, smoothed loss, LR, grad norm, tokens/s, memory and ETA of the newest step."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(8, 2, 8, 2)
+        lay.setSpacing(18)
+        self.labels: dict[str, QLabel] = {}
+        for name, _ in FIELDS:
+            lab = QLabel()
+            lab.setTextFormat(Qt.TextFormat.RichText)
+            # Values change width as they change: never let that move the rest of the window.
+            lab.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+            lab.setMinimumWidth(40)
+            self.labels[name] = lab
+            lay.addWidget(lab, 1)
+        self.values: dict[str, str] = {}
+        self.clear()
+
+    def _put(self, name: str, value: str) -> None:
+        color = dict(FIELDS)[name] or "#e6e6e6"
+        self.values[name] = value
+        self.labels[name].setText(
+            f"<span style='color:{MUTED}'>{name}</span> <span style='color:{color}; font-weight:600'>{value}</span>"
+        )
+
+    def clear(self) -> None:
+        for name, _ in FIELDS:
+            self._put(name, "–")
+
+    def text(self) -> str:
+        return "  ".join(f"{k} {v}" for k, v in self.values.items())
+
+    def update_from(self, h: RunHistory, smoothed: float | None, running: bool) -> None:
+        ev = h.last_step
+        if ev is None:
+            self.clear()
+            return
+        total = h.total_steps
+        self._put("step", f"{ev.step:,} / {total:,}" if total else f"{ev.step:,}")
+        loss = smoothed if smoothed is not None and math.isfinite(smoothed) else ev.loss
+        self._put("loss", fmt_number(float(loss)))
+        self._put("lr", fmt_number(ev.learning_rate))
+        self._put("grad norm", fmt_number(ev.grad_norm) if ev.grad_norm is not None else "–")
+        self._put("tok/s", f"{ev.tokens_per_s:,.0f}" if running else "–")
+        if h.on_gpu and "gpu_used" in h.nonzero and h.last_system is not None:
+            mem = fmt_mb(h.last_system.gpu_mem_used_mb)
+        else:
+            mem = fmt_mb(ev.mem_allocated_mb) if ev.mem_allocated_mb else "–"
+        self._put("memory", mem)
+        self._put("ETA", fmt_duration(ev.eta_s) if running else "–")
