@@ -70,7 +70,7 @@ from tunedeck.gui.widgets.summary import SummaryPanel
 APP_NAME = "Tunedeck"
 MAX_RECENT = 8
 MB = 1024 * 1024
-DEFAULT_SIZE = (1500, 920)
+MAX_SIZE = (1920, 1200)  # the window opens as big as the screen allows, up to this
 SMALL_SCREEN = (1400, 820)  # below this (available pixels), the docks take less room and are tabbed
 
 
@@ -155,9 +155,9 @@ class MainWindow(QMainWindow):
         self.library_dock = self._dock("Runs", self.library, bottom)
         self.summary_dock = self._dock("Summary", self.summary, bottom)
         self.samples_dock = self._dock("Samples", self.samples, bottom)
+        self.splitDockWidget(self.log_dock, self.samples_dock, Qt.Orientation.Horizontal)
         self.tabifyDockWidget(self.log_dock, self.library_dock)
         self.tabifyDockWidget(self.library_dock, self.summary_dock)
-        self.splitDockWidget(self.log_dock, self.samples_dock, Qt.Orientation.Horizontal)
         self.log_dock.raise_()
 
         # -- toolbar, status bar, menus
@@ -281,9 +281,9 @@ class MainWindow(QMainWindow):
         bottom ones share one tabbed area), so the plots get the space first."""
         if available is None:
             screen = self.screen() or QGuiApplication.primaryScreen()
-            available = screen.availableGeometry() if screen is not None else QRect(0, 0, *DEFAULT_SIZE)
-        w = min(DEFAULT_SIZE[0], available.width() - 16)
-        h = min(DEFAULT_SIZE[1], available.height() - 16)
+            available = screen.availableGeometry() if screen is not None else QRect(0, 0, 1500, 920)
+        w = min(MAX_SIZE[0], available.width() - 16)
+        h = min(MAX_SIZE[1], available.height() - 16)
         self.resize(max(w, 400), max(h, 300))
         small = available.width() < SMALL_SCREEN[0] or available.height() < SMALL_SCREEN[1]
         self.small_screen = small
@@ -291,7 +291,7 @@ class MainWindow(QMainWindow):
             self.tabifyDockWidget(self.log_dock, self.samples_dock)
             self.log_dock.raise_()
         side = 300 if small else 400
-        low = 150 if small else 210
+        low = 130 if small else 190
         self.resizeDocks([self.setup_dock], [side], Qt.Orientation.Horizontal)
         self.resizeDocks([self.log_dock], [low], Qt.Orientation.Vertical)
         self.move(

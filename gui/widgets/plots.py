@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QEvent, QLineF, QObject, QPointF, QRectF, Qt, QTimer, Signal
-from PySide6.QtGui import QColor, QFont, QFontMetrics, QPen
+from PySide6.QtGui import QColor, QPen
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -58,8 +58,10 @@ REDRAW_MS = 50  # at most 20 redraws a second, whatever the step rate
 MAX_DUTY = 0.05
 MAX_INTERVAL_S = 0.5
 LABEL_CHARS = 38  # a marker label longer than this is cut (its tooltip has all of it)
-LABEL_ROWS = 4  # rows of marker labels under the top of the loss plot
-TICK_GAP_PX = 24  # least room between two tick labels of a y axis
+LABEL_ROWS = 6  # rows of marker labels under the top of the loss plot, at most
+TITLE_PX = 20  # height of a plot's title line (pyqtgraph's 30 takes a third of a small plot)
+TICK_GAP_PX = 24  # room between two tick labels of a y axis
+TICK_LEAST_PX = 14  # ...and the least, on a short axis (a label's height)
 CPUS = os.cpu_count() or 1
 
 
@@ -121,26 +123,68 @@ def log_ticks(lo: float, hi: float, pixels: float, gap: float = TICK_GAP_PX) -> 
     return best
 
 
-class LossAxis(pg.AxisItem):
-    """A y axis whose log mode puts one level of well-spaced labels (pyqtgraph's piles up 2..9)."""
+def linear_ticks(
+    lo: float, hi: float, pixels: float, gap: float = TICK_GAP_PX, least: float = TICK_LEAST_PX
+) -> tuple[float, list[float]]:
+    """(spacing, values): round values (1, 2, 2.5, 5 times a power of ten apart) in [lo, hi], at
+    least ``gap`` pixels apart on an axis of ``pixels`` pixels; on a short axis where that leaves
+    fewer than two, as close as ``least`` pixels (a label's height)."""
+    span = hi - lo
+    if not (math.isfinite(lo) and math.isfinite(hi)) or span <= 0 or pixels <= 0:
+        return 1.0, []
+
+    def multiples(spacing: float) -> list[float]:
+        first = math.ceil(lo / spacing - 1e-9)
+        return [k * spacing for k in range(first, int(math.floor(hi / spacing + 1e-9)) + 1)]
+
+    spacing, values = 1.0, []
+    for g in (gap, least):
+        raw = span * g / pixels
+        mag = 10.0 ** math.floor(math.log10(raw))
+        spacing = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * (1 - 1e-9))
+        values = multiples(spacing)
+        if len(values) >= 2:
+            break
+    else:
+        # The round step above the least room leaves one label: the round step below half the
+        # span gives two, if they still stand a label's height apart.
+        half = span / 2
+        mag = 10.0 ** math.floor(math.log10(half))
+        lower = max(m * mag for m in (1, 2, 2.5, 5) if m * mag <= half * (1 + 1e-9))
+        if lower * pixels / span >= least - 2 and len(multiples(lower)) >= 2:
+            spacing, values = lower, multiples(lower)
+    return spacing, [0.0 if abs(v) < spacing * 1e-9 else v for v in values]
+
+
+class SpacedAxis(pg.AxisItem):
+    """A y axis with one level of labels, never closer than TICK_GAP_PX (pyqtgraph's own piles
+    labels on top of each other on a short plot, and on a log axis)."""
 
     def tickValues(self, minVal, maxVal, size):  # noqa: N802 (pyqtgraph name)
-        if not self.logMode:
+        if self.logMode:
+            return [(1.0, [math.log10(v) for v in log_ticks(minVal, maxVal, size)])]
+        spacing, values = linear_ticks(minVal, maxVal, size)
+        return [(spacing, values)]
+
+    def tickStrings(self, values, scale, spacing):  # noqa: N802 (pyqtgraph name)
+        if self.logMode:
+            return [fmt_number(float(f"{10.0**v:.6g}")) for v in values]
+        return super().tickStrings(values, scale, spacing)
+
+
+class MemoryAxis(SpacedAxis):
+    """MB values written as 512 MB or 1.5 GB, with round ticks in the unit shown."""
+
+    def tickValues(self, minVal, maxVal, size):  # noqa: N802 (pyqtgraph name)
+        if max(abs(minVal), abs(maxVal)) < 2048:
             return super().tickValues(minVal, maxVal, size)
-        ticks = log_ticks(minVal, maxVal, size)
-        return [(1.0, [math.log10(v) for v in ticks])]
+        spacing, values = linear_ticks(minVal / 1024, maxVal / 1024, size)
+        return [(spacing * 1024, [v * 1024 for v in values])]
 
     def tickStrings(self, values, scale, spacing):  # noqa: N802 (pyqtgraph name)
-        if not self.logMode:
-            return super().tickStrings(values, scale, spacing)
-        return [fmt_number(float(f"{10.0**v:.6g}")) for v in values]
-
-
-class MemoryAxis(pg.AxisItem):
-    """MB values written as 512 MB or 1.5 GB."""
-
-    def tickStrings(self, values, scale, spacing):  # noqa: N802 (pyqtgraph name)
-        return [fmt_mb(v).replace(".00 GB", " GB") for v in values]
+        if spacing >= 1024:
+            return [f"{v / 1024:g} GB" for v in values]
+        return [f"{v:,.0f} MB" for v in values]
 
 
 class XAxis(pg.AxisItem):
@@ -181,7 +225,7 @@ class StepViewBox(pg.ViewBox):
                 box = QRectF(pg.Point(ev.buttonDownPos(ev.button())), pg.Point(ev.pos())).normalized()
                 box = self.childGroup.mapRectFromParent(box)
                 if box.width() > 0 and box.height() > 0:
-                    self.showAxRect(box)
+                    self.showAxRect(box, padding=0)
                     self.sigBoxZoomed.emit(box)
             else:
                 self.updateScaleBox(ev.buttonDownPos(), ev.pos())
@@ -390,6 +434,7 @@ class PlotPanel(QWidget):
         self._per_core = PerCore()
         self.redraws = 0
         self.readout_text = ""  # the hover read-out, as plain text
+        self.mem_note = ""  # the machine's memory on a CPU run, in the memory plot's title
 
         # -- toolbar
         bar = QHBoxLayout()
@@ -457,7 +502,7 @@ class PlotPanel(QWidget):
         self.titles = titles
         self._title_keys: dict[int, tuple] = {}
         self.x_axes = [XAxis("bottom") for _ in titles]
-        lefts: list[pg.AxisItem] = [LossAxis("left")] + [pg.AxisItem("left") for _ in titles[1:]]
+        lefts: list[pg.AxisItem] = [SpacedAxis("left") for _ in titles]
         lefts[4] = MemoryAxis("left")
         self.plots: list[pg.PlotItem] = []
         for i in range(len(titles)):
@@ -471,8 +516,16 @@ class PlotPanel(QWidget):
         )
         for i, stretch in enumerate((3, 1, 1, 1, 1, 1)):
             self.glw.ci.layout.setRowStretchFactor(i, stretch)
+        # A grid layout shares out only the room above the rows' preferred heights by the stretch
+        # factors: with preferred = minimum, the loss plot gets its three shares on any screen.
+        self.loss_plot.setMinimumHeight(90)
+        for p in self.plots[1:]:
+            p.setMinimumHeight(54)  # two labelled ticks and the title line
+        self.plots[-1].setMinimumHeight(54 + 40)  # ...and the x axis with its label
+        for p in self.plots:
+            p.setPreferredHeight(p.minimumHeight())
         for p, title in zip(self.plots, titles, strict=True):
-            p.setTitle(title, size="9pt", color=MUTED)
+            _title(p, f"<span style='color:{MUTED}'>{title}</span>")
             p.vb.addItem(GridLines(p), ignoreBounds=True)
             left, bottom = p.getAxis("left"), p.getAxis("bottom")
             left.setWidth(64)
@@ -810,7 +863,14 @@ class PlotPanel(QWidget):
                 self._set(c, x, h.series[name], win)
         sx = h.x_at(h.sys_steps.view, self.x_mode)
         swin = self._window(sx)
-        wanted = ("gpu_used", "gpu_total") if gpu else ("host_used", "host_total")
+        # On a CPU the machine's memory (tens of GB) would flatten the process' curve: it is said
+        # in the title line instead.
+        wanted = ("gpu_used", "gpu_total") if gpu else ()
+        self.mem_note = ""
+        if not gpu and "host_used" in h.nonzero:
+            used, total = h.system["host_used"].last(), h.system["host_total"].last()
+            if math.isfinite(used) and math.isfinite(total):
+                self.mem_note = f"system {fmt_mb(used)} of {fmt_mb(total)} used"
         for name, c in self.c_sys.items():
             shown = name in wanted and name in h.nonzero
             c.set_visible(shown)
@@ -850,15 +910,18 @@ class PlotPanel(QWidget):
                 for c in [*self._main_curves, *(c for o in self.overlays for c in o.curves)]
                 if c.plot is p and c.has_data and c.item.isVisible() and not c.name.endswith(" eval")
             ]
-            key = tuple((c.name, c.color) for c in shown)
+            note = self.mem_note if p is self.mem_plot else ""
+            key = (*((c.name, c.color) for c in shown), note)
             if self._title_keys.get(id(p)) == key:
                 continue
             self._title_keys[id(p)] = key
             names = "&nbsp;&nbsp;".join(
                 f"<span style='color:{c.color}'>{'┄' if c.dash else '━'} {c.name}</span>" for c in shown
             )
+            if note:
+                names += f"&nbsp;&nbsp;&nbsp;<span style='color:{MUTED}'>{note}</span>"
             sep = "&nbsp;&nbsp;&nbsp;" if names else ""
-            p.setTitle(f"<span style='color:{MUTED}'>{title}</span>{sep}{names}", size="9pt")
+            _title(p, f"<span style='color:{MUTED}'>{title}</span>{sep}{names}")
 
     def _set(self, curve: Curve, x: np.ndarray, series: Series, win: tuple[int, int, int]) -> None:
         env = self._envelopes.get(id(series))
@@ -931,8 +994,9 @@ class PlotPanel(QWidget):
         ]
         placed: list[tuple[float, float, float, pg.TextItem]] = []
         rows: list[float] = []  # the right edge of the last label in each row
-        fm = QFontMetrics(QFont())
-        row_h = fm.height() + 4
+        row_h = 2 + max(
+            (g.label.boundingRect().height() for g, _ in groups if g.label is not None), default=18
+        )
         for g, h in sorted(groups, key=lambda gh: float(gh[1].x_at([gh[0].step], self.x_mode)[0])):
             x = float(h.x_at([g.step], self.x_mode)[0])
             for line in g.lines:
@@ -979,9 +1043,24 @@ class PlotPanel(QWidget):
             raise OSError(f"could not write {path}")
 
     def export_svg(self, path: str) -> None:
-        from pyqtgraph.exporters import SVGExporter
+        """The plots as drawn, as vector graphics (Qt's SVG painter over the whole plot area)."""
+        from PySide6.QtCore import QSize
+        from PySide6.QtGui import QPainter
+        from PySide6.QtSvg import QSvgGenerator
 
-        SVGExporter(self.glw.ci).export(path)
+        gen = QSvgGenerator()
+        gen.setFileName(path)
+        size = QSize(self.glw.width(), self.glw.height())
+        gen.setSize(size)
+        gen.setViewBox(QRectF(0, 0, size.width(), size.height()))
+        gen.setTitle(f"Tunedeck: {self.history.label()}")
+        painter = QPainter()
+        if not painter.begin(gen):
+            raise OSError(f"could not write {path}")
+        try:
+            self.glw.render(painter)
+        finally:
+            painter.end()
 
     # ------------------------------------------------------------------ interaction
 
@@ -1080,6 +1159,12 @@ class PlotPanel(QWidget):
     def leaveEvent(self, event) -> None:  # noqa: N802 (Qt name)
         self.clear_readout()
         super().leaveEvent(event)
+
+
+def _title(plot: pg.PlotItem, text: str) -> None:
+    plot.setTitle(text, size="9pt")
+    plot.layout.setRowFixedHeight(0, TITLE_PX)  # setTitle puts back its own 30 px each time
+    plot.titleLabel.setMaximumHeight(TITLE_PX)
 
 
 class PerCore:

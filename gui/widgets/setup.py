@@ -217,9 +217,12 @@ class SetupPanel(QWidget):
             text += f"; <span style='color:#d9a32b'>{html.escape(note)}</span>"
         edited = self.edited_since_origin()
         if edited:
-            names = ", ".join(k.split(".", 1)[1] for k in edited[:4]) + ("…" if len(edited) > 4 else "")
-            text += f"; edited since: {html.escape(names)}"
+            names = ", ".join(k.split(".", 1)[1] for k in edited[:2]) + (
+                f" +{len(edited) - 2}" if len(edited) > 2 else ""
+            )
+            text += f"; edited: {html.escape(names)}"
         self.origin_label.setText(text)
+        self.origin_label.setToolTip("Differs from there: " + ", ".join(edited) if edited else "")
 
     def reset_choices(self) -> list[tuple[str, Config]]:
         """What Reset to… offers: the preset loaded last, a run's starting settings."""

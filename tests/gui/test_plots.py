@@ -73,7 +73,9 @@ def test_live_data_markers_and_hover(qtbot):
     # a marker on every plot
     assert all(any(isinstance(i, pg.InfiniteLine) and i.value() == 20 for i in pl.items) for pl in p.plots)
     text = p.show_readout(12.2)
-    assert "step 12" in text and "lr 1e-4" in text and "RSS 100 MB" in text  # on a CPU the step memory is the process RSS
+    assert (
+        "step 12" in text and "lr 1e-4" in text and "RSS 100 MB" in text
+    )  # on a CPU the step memory is the process RSS
     # log y and smoothing redraw without trouble
     p.log_y.setChecked(True)
     p.smoothing.setValue(90)
