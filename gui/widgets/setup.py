@@ -217,9 +217,7 @@ class SetupPanel(QWidget):
             text += f"; <span style='color:#d9a32b'>{html.escape(note)}</span>"
         edited = self.edited_since_origin()
         if edited:
-            names = ", ".join(k.split(".", 1)[1] for k in edited[:2]) + (
-                f" +{len(edited) - 2}" if len(edited) > 2 else ""
-            )
+            names = ", ".join(edited[:2]) + (f" +{len(edited) - 2}" if len(edited) > 2 else "")
             text += f"; edited: {html.escape(names)}"
         self.origin_label.setText(text)
         self.origin_label.setToolTip("Differs from there: " + ", ".join(edited) if edited else "")
