@@ -270,6 +270,14 @@ class MainWindow(QMainWindow):
         vm.addSeparator()
         add(vm, "Fit plots", lambda: (self.plots.fit(), self.plots.refresh(force=True)), "Ctrl+0")
         add(vm, "Follow latest step", self.plots.follow, "End")
+        pm = vm.addMenu("Plots")
+        self.plot_actions: dict[str, QAction] = {}
+        for name, title in zip(self.plots.names[1:], self.plots.titles[1:], strict=True):
+            a = pm.addAction(title)
+            a.setCheckable(True)
+            a.setChecked(name not in self.plots.hidden)
+            a.toggled.connect(lambda on, n=name: self.set_plot_visible(n, on))
+            self.plot_actions[name] = a
         h = mb.addMenu("&Help")
         add(h, "Keyboard shortcuts", self.show_shortcuts, "F1")
         add(h, "About Tunedeck", self.show_about)
@@ -277,8 +285,8 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------------ size
 
     def fit_to_screen(self, available: QRect | None = None) -> None:
-        """Open within the screen's free area; on a small screen the docks take less room (and the
-        bottom ones share one tabbed area), so the plots get the space first."""
+        """Open within the screen's free area; on a small screen the docks take less room (the
+        bottom ones share one tabbed column at the side), so the plots get the space first."""
         if available is None:
             screen = self.screen() or QGuiApplication.primaryScreen()
             available = screen.availableGeometry() if screen is not None else QRect(0, 0, 1500, 920)
@@ -287,13 +295,24 @@ class MainWindow(QMainWindow):
         self.resize(max(w, 400), max(h, 300))
         small = available.width() < SMALL_SCREEN[0] or available.height() < SMALL_SCREEN[1]
         self.small_screen = small
-        if small:
-            self.tabifyDockWidget(self.log_dock, self.samples_dock)
-            self.log_dock.raise_()
         side = 300 if small else 400
-        low = 130 if small else 190
+        if small:
+            # A short screen: the log, samples, runs and summary share one tabbed column on the
+            # right, so the plots keep the whole height (a bottom area would leave them ~80 px).
+            right = Qt.DockWidgetArea.RightDockWidgetArea
+            docks = [self.log_dock, self.samples_dock, self.library_dock, self.summary_dock]
+            for d in docks:
+                self.addDockWidget(right, d)
+            for d1, d2 in zip(docks, docks[1:], strict=False):
+                self.tabifyDockWidget(d1, d2)
+            self.log_dock.raise_()
+            self.resizeDocks([self.log_dock], [330], Qt.Orientation.Horizontal)
+            self.plots.set_compact(True)
+            for name, act in self.plot_actions.items():
+                act.setChecked(name not in self.plots.hidden)
+        else:
+            self.resizeDocks([self.log_dock], [190], Qt.Orientation.Vertical)
         self.resizeDocks([self.setup_dock], [side], Qt.Orientation.Horizontal)
-        self.resizeDocks([self.log_dock], [low], Qt.Orientation.Vertical)
         self.move(
             available.x() + (available.width() - self.width()) // 2,
             available.y() + max(0, (available.height() - self.height()) // 2),
@@ -361,6 +380,11 @@ class MainWindow(QMainWindow):
             self.restoreState(state)
         if s.value("runs/folder"):
             self.runs_folder = str(s.value("runs/folder"))
+        hidden = s.value("plots/hidden")
+        if hidden is not None:
+            hidden = [hidden] if isinstance(hidden, str) else list(hidden)
+            for name, a in self.plot_actions.items():
+                a.setChecked(name not in hidden)
         text = s.value("last/config")
         restored = False
         if text:
@@ -382,12 +406,13 @@ class MainWindow(QMainWindow):
         if s.value("last/data_dir"):
             self.setup.data.start_dir = str(s.value("last/data_dir"))
 
-    def _keep_on_screen(self) -> None:
-        # A geometry saved on a bigger screen: fit it into this one.
-        screen = self.screen() or QGuiApplication.primaryScreen()
-        if screen is None:
-            return
-        avail = screen.availableGeometry()
+    def _keep_on_screen(self, avail: QRect | None = None) -> None:
+        """A geometry saved on a bigger screen: fit the window into this one."""
+        if avail is None:
+            screen = self.screen() or QGuiApplication.primaryScreen()
+            if screen is None:
+                return
+            avail = screen.availableGeometry()
         if self.width() > avail.width() or self.height() > avail.height():
             self.fit_to_screen(avail)
 
@@ -412,6 +437,10 @@ class MainWindow(QMainWindow):
         path = QFileDialog.getExistingDirectory(self, "Runs folder", self.runs_folder)
         if path:
             self.set_runs_folder(path)
+
+    def set_plot_visible(self, name: str, on: bool) -> None:
+        self.plots.set_plot_visible(name, on)
+        self.settings.setValue("plots/hidden", sorted(self.plots.hidden))
 
     def _remember_model(self, name: str) -> None:
         recent = self.settings.value("last/models") or []
@@ -558,8 +587,11 @@ class MainWindow(QMainWindow):
         if self._pending_step is not None:
             self.status.update_step(self._pending_step)
             self._pending_step = None
-            sm = self.plots.smoother.out
-            self.now.update_from(self.history, sm.last() if len(sm) else None, self.status.state == "running")
+            # the smoother extends itself incrementally: the strip's value is the newest step's
+            sm = self.plots.smoother.update(self.history.series["loss"].view)
+            self.now.update_from(
+                self.history, float(sm[-1]) if len(sm) else None, self.status.state == "running"
+            )
 
     def _on_ended(self, end: EndEvent) -> None:
         self._flush_status()

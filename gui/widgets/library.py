@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
     QMenu,
     QMessageBox,
     QPushButton,
+    QSizePolicy,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -62,6 +63,7 @@ class RunLibrary(QWidget):
         self.busy_path: str | None = None  # the run going in this window
         self.summaries: list[RunSummary] = []
         self.folder_label = QLabel()
+        self.folder_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.folder_label.setStyleSheet(f"color: {MUTED};")
         self.folder_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.change_button = QPushButton("Folder…")
@@ -86,6 +88,7 @@ class RunLibrary(QWidget):
         hh.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         hh.setStretchLastSection(True)
         self.table.setToolTip("Select runs to overlay them on the plots; double-click to open one.")
+        self.table.setMinimumHeight(50)
 
         self.open_button = QPushButton("Open")
         self.open_button.setToolTip("Show this run's curves, summary and settings.")
@@ -94,6 +97,7 @@ class RunLibrary(QWidget):
         self.reveal_button = QPushButton("Reveal")
         self.reveal_button.setToolTip("Show the run folder in the file manager.")
         self.hint = QLabel("Select runs to overlay them.")
+        self.hint.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.hint.setStyleSheet(f"color: {MUTED};")
         row = QHBoxLayout()
         row.setContentsMargins(4, 2, 4, 2)

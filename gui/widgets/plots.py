@@ -361,6 +361,7 @@ class Curve:
 
     def remove(self) -> None:
         self.plot.removeItem(self.item)
+        self.item.deleteLater()  # freed here, on the GUI thread, not by a garbage collection elsewhere
 
 
 @dataclass
@@ -439,11 +440,11 @@ class PlotPanel(QWidget):
         # -- toolbar
         bar = QHBoxLayout()
         bar.setContentsMargins(6, 2, 6, 2)
-        bar.addWidget(QLabel("Smoothing"))
+        bar.addWidget(QLabel("smooth"))
         self.smoothing = QSlider(Qt.Orientation.Horizontal)
         self.smoothing.setRange(0, 99)
         self.smoothing.setValue(60)
-        self.smoothing.setFixedWidth(110)
+        self.smoothing.setFixedWidth(90)
         self.smoothing.setToolTip(
             "Weight of the exponential moving average drawn over the raw loss: 0 shows the raw values, "
             "0.99 a very smooth trend. It changes only the drawing, not the training."
@@ -462,6 +463,8 @@ class PlotPanel(QWidget):
         bar.addSpacing(8)
         bar.addWidget(QLabel("x"))
         self.x_axis = QComboBox()
+        self.x_axis.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.x_axis.setMinimumContentsLength(8)
         for mode, text in X_MODES.items():
             self.x_axis.addItem(text, mode)
         self.x_axis.setToolTip("What the x axis counts: optimizer steps, tokens trained on, or wall time.")
@@ -514,16 +517,9 @@ class PlotPanel(QWidget):
         self.loss_plot, self.lr_plot, self.grad_plot, self.tput_plot, self.mem_plot, self.util_plot = (
             self.plots
         )
-        for i, stretch in enumerate((3, 1, 1, 1, 1, 1)):
-            self.glw.ci.layout.setRowStretchFactor(i, stretch)
-        # A grid layout shares out only the room above the rows' preferred heights by the stretch
-        # factors: with preferred = minimum, the loss plot gets its three shares on any screen.
-        self.loss_plot.setMinimumHeight(90)
-        for p in self.plots[1:]:
-            p.setMinimumHeight(54)  # two labelled ticks and the title line
-        self.plots[-1].setMinimumHeight(54 + 40)  # ...and the x axis with its label
-        for p in self.plots:
-            p.setPreferredHeight(p.minimumHeight())
+        self.names = ["loss", "lr", "grad", "tput", "mem", "util"]
+        self.hidden: set[str] = set()
+        self.loss_share = 3  # the loss plot's height against one small plot's (more on a small screen)
         for p, title in zip(self.plots, titles, strict=True):
             _title(p, f"<span style='color:{MUTED}'>{title}</span>")
             p.vb.addItem(GridLines(p), ignoreBounds=True)
@@ -532,16 +528,13 @@ class PlotPanel(QWidget):
             # fewer tick levels: less to lay out and paint, and a calmer look
             left.setStyle(maxTickLevel=1, maxTextLevel=1)
             bottom.setStyle(maxTickLevel=0)
-            if p is not self.plots[-1]:
-                bottom.setStyle(showValues=False)
-                bottom.setHeight(4)
             p.setDownsampling(auto=True, mode="peak")
             p.setClipToView(True)
             p.hideButtons()  # the Fit button (or a double-click) replaces pyqtgraph's per-plot "A"
             p.vb.sigBoxZoomed.connect(self._box_zoomed)
             if p is not self.loss_plot:
                 p.setXLink(self.loss_plot)
-        self.plots[-1].setLabel("bottom", X_MODES["step"], color=MUTED)
+        self._arrange()
         self.lr_plot.getAxis("left").enableAutoSIPrefix(False)
         self.mem_plot.getAxis("left").enableAutoSIPrefix(False)
         # Learning rate, throughput and memory are read against zero: their y axis starts at 0 and
@@ -600,9 +593,14 @@ class PlotPanel(QWidget):
         for p in self.plots:
             p.vb.sigRangeChangedManually.connect(self._manual_range)
         self.glw.scene().sigMouseClicked.connect(self._clicked)
-        self._mouse_proxy = pg.SignalProxy(
-            self.glw.scene().sigMouseMoved, rateLimit=30, slot=self._mouse_moved
-        )
+        # The read-out follows the mouse at most ~30 times a second. (A timer the panel owns, not
+        # pyqtgraph's SignalProxy: its own timer outlived the panel and could be freed off the GUI thread.)
+        self._hover_pos: QPointF | None = None
+        self._hover_timer = QTimer(self)
+        self._hover_timer.setSingleShot(True)
+        self._hover_timer.setInterval(33)
+        self._hover_timer.timeout.connect(self._hover)
+        self.glw.scene().sigMouseMoved.connect(self._mouse_moved)
 
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
@@ -632,6 +630,55 @@ class PlotPanel(QWidget):
         if self.refresh():
             cost = (time.perf_counter() - t) + self.glw.last_paint_s
             self._next_ok = now + min(MAX_INTERVAL_S, cost / MAX_DUTY)
+
+    # ------------------------------------------------------------------ which plots
+
+    def _shown(self) -> list[pg.PlotItem]:
+        return [p for p, n in zip(self.plots, self.names, strict=True) if n not in self.hidden]
+
+    def _bottom_plot(self) -> pg.PlotItem:
+        return self._shown()[-1]
+
+    def _arrange(self) -> None:
+        """Lay the shown plots out in one column; the lowest carries the x axis' values and label."""
+        ci = self.glw.ci
+        for p in self.plots:
+            if p in ci.items:
+                ci.removeItem(p)
+        shown = self._shown()
+        for row, p in enumerate(shown):
+            ci.addItem(p, row=row, col=0)
+            ci.layout.setRowStretchFactor(row, self.loss_share if p is self.loss_plot else 1)
+            bottom = p.getAxis("bottom")
+            last = p is shown[-1]
+            bottom.setStyle(showValues=last)
+            bottom.setHeight(None if last else 4)
+            if last:
+                p.setLabel("bottom", X_MODES[self.x_mode], color=MUTED)
+            bottom.showLabel(last)
+            # A grid layout shares out only the room above the rows' preferred heights by the
+            # stretch factors: with preferred = minimum, the loss plot gets its shares on any screen.
+            base = 90 if p is self.loss_plot else 48  # two labelled ticks and the title line
+            p.setMinimumHeight(base + (40 if last else 0))  # ...and the x axis with its label
+            p.setPreferredHeight(p.minimumHeight())
+        for row in range(len(shown), len(self.plots)):
+            ci.layout.setRowStretchFactor(row, 0)
+        self._title_keys.clear()
+
+    def set_plot_visible(self, name: str, on: bool) -> None:
+        """Show or hide one plot ("lr", "grad", "tput", "mem", "util"; the loss plot stays)."""
+        if name == "loss" or name not in self.names or (name not in self.hidden) == on:
+            return
+        (self.hidden.discard if on else self.hidden.add)(name)
+        self._arrange()
+        self._view_dirty = True
+
+    def set_compact(self, on: bool) -> None:
+        """A small screen: the loss plot takes a bigger share, the utilisation plot is hidden."""
+        self.loss_share = 6 if on else 3
+        if on:
+            self.hidden.add("util")
+        self._arrange()
 
     # ------------------------------------------------------------------ data
 
@@ -677,7 +724,7 @@ class PlotPanel(QWidget):
             ax.mode = mode
             ax.picture = None
             ax.update()
-        self.plots[-1].setLabel("bottom", X_MODES[mode], color=MUTED)
+        self._bottom_plot().setLabel("bottom", X_MODES[mode], color=MUTED)
         i = self.x_axis.findData(mode)
         if i != self.x_axis.currentIndex():
             self.x_axis.setCurrentIndex(i)
@@ -972,8 +1019,10 @@ class PlotPanel(QWidget):
         for g in groups:
             for line, p in zip(g.lines, self.plots, strict=False):
                 p.removeItem(line)
+                line.deleteLater()
             if g.label is not None:
                 self.loss_plot.removeItem(g.label)
+                g.label.deleteLater()
 
     def _sync_markers(self) -> None:
         changes = self.history.changes
@@ -1084,9 +1133,16 @@ class PlotPanel(QWidget):
             self.clear_readout()
         return super().eventFilter(obj, event)
 
-    def _mouse_moved(self, args) -> None:
-        pos = args[0]
-        for p in self.plots:
+    def _mouse_moved(self, pos: QPointF) -> None:
+        self._hover_pos = pos
+        if not self._hover_timer.isActive():
+            self._hover_timer.start()
+
+    def _hover(self) -> None:
+        pos = self._hover_pos
+        if pos is None:
+            return
+        for p in self._shown():
             if p.sceneBoundingRect().contains(pos):
                 x = p.vb.mapSceneToView(pos).x()
                 self.show_readout(self.history.step_at(x, self.x_mode), x)

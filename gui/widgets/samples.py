@@ -10,6 +10,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QPlainTextEdit,
     QPushButton,
+    QSizePolicy,
     QSpinBox,
     QTextBrowser,
     QVBoxLayout,
@@ -36,9 +37,13 @@ class SamplePanel(QWidget):
             "paused run; training waits while it writes."
         )
         self.status = QLabel("Start a run to sample from the model.")
+        self.status.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.status.setStyleSheet("color: #8a9099;")
         self.output = QTextBrowser()
         self.output.setOpenLinks(False)
+        # small minimums: on a small screen the bottom docks share a short area with the plots
+        self.prompt.setMinimumHeight(34)
+        self.output.setMinimumHeight(36)
         row = QHBoxLayout()
         row.addWidget(QLabel("max new tokens"))
         row.addWidget(self.max_tokens)

@@ -6,10 +6,11 @@ import html
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QUrl, Signal
+from PySide6.QtCore import Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QGuiApplication
 from PySide6.QtWidgets import (
-    QFormLayout,
+    QBoxLayout,
+    QGridLayout,
     QHBoxLayout,
     QLabel,
     QPlainTextEdit,
@@ -33,24 +34,27 @@ class SummaryPanel(QWidget):
         self.title = QLabel("No run yet: the summary of a run shows here when it ends.")
         self.title.setWordWrap(True)
         self.values: dict[str, QLabel] = {}
-        form = QFormLayout()
+        # two pairs a row: the summary stays short enough for a small screen's bottom area
+        form = QGridLayout()
         form.setVerticalSpacing(2)
-        for key in (
-            "final loss",
-            "best eval loss",
-            "duration",
-            "tokens",
-            "throughput",
-            "peak memory",
-            "adapter",
-        ):
+        form.setHorizontalSpacing(10)
+        keys = ("final loss", "best eval loss", "duration", "tokens", "throughput", "peak memory")
+        for i, key in enumerate((*keys, "adapter")):
             lab = QLabel("–")
-            lab.setTextInteractionFlags(
-                lab.textInteractionFlags() | lab.textInteractionFlags().TextSelectableByMouse
-            )
+            lab.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
             lab.setWordWrap(True)
             self.values[key] = lab
-            form.addRow(key, lab)
+            name = QLabel(key)
+            name.setStyleSheet("color: #8a9099;")
+            row, col = divmod(i, 2)
+            if key == "adapter":
+                form.addWidget(name, row, 0)
+                form.addWidget(lab, row, 1, 1, 3)
+            else:
+                form.addWidget(name, row, 2 * col)
+                form.addWidget(lab, row, 2 * col + 1)
+        form.setColumnStretch(1, 1)
+        form.setColumnStretch(3, 1)
         self.open_button = QPushButton("Open folder")
         self.open_button.setToolTip("Show the adapter folder in the file manager.")
         self.open_button.clicked.connect(self.open_folder)
@@ -61,6 +65,7 @@ class SummaryPanel(QWidget):
         self.snippet.setReadOnly(True)
         self.snippet.setStyleSheet("font-family: monospace; font-size: 11px;")
         self.snippet.setMaximumHeight(130)
+        self.snippet.setMinimumHeight(40)
         buttons = QHBoxLayout()
         buttons.addWidget(self.open_button)
         buttons.addWidget(self.copy_button)
@@ -72,12 +77,20 @@ class SummaryPanel(QWidget):
         right = QVBoxLayout()
         right.addLayout(buttons)
         right.addWidget(self.snippet, 1)
-        lay = QHBoxLayout(self)
+        lay = self.box = QBoxLayout(QBoxLayout.Direction.LeftToRight, self)
         lay.setContentsMargins(6, 4, 6, 4)
         lay.addLayout(left, 1)
         lay.addLayout(right, 1)
         self.summary: RunSummary | None = None
         self._set_enabled(False)
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        # side by side in a wide bottom area, one above the other in a narrow column
+        narrow = self.width() < 620
+        self.box.setDirection(
+            QBoxLayout.Direction.TopToBottom if narrow else QBoxLayout.Direction.LeftToRight
+        )
+        super().resizeEvent(event)
 
     def _set_enabled(self, on: bool) -> None:
         has_output = on and self.summary is not None and bool(self.summary.output)

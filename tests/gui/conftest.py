@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -79,6 +80,9 @@ def make_window(qtbot, settings):
         win.close()
         win.deleteLater()
     qtbot.wait(1)
+    # Collect the windows' Python side here, on the GUI thread: a collection that happens to run in
+    # a later test's training thread must not be the one to free Qt objects.
+    gc.collect()
 
 
 @pytest.fixture(autouse=True)
