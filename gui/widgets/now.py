@@ -13,9 +13,9 @@ FIELDS = [
     ("step", None),
     ("loss", COLORS["loss"]),
     ("lr", COLORS["lr"]),
-    ("grad norm", COLORS["grad_norm"]),
+    ("grad", COLORS["grad_norm"]),
     ("tok/s", COLORS["tokens_per_s"]),
-    ("memory", COLORS["mem_allocated"]),
+    ("mem", COLORS["mem_allocated"]),
     ("ETA", None),
 ]
 
@@ -27,16 +27,17 @@ class NowStrip(QWidget):
         super().__init__(parent)
         lay = QHBoxLayout(self)
         lay.setContentsMargins(8, 2, 8, 2)
-        lay.setSpacing(18)
+        lay.setSpacing(16)
+        # The strip never asks the window for room (on a narrow one its end is cut), and its
+        # values take the width they need, so none is cut in the middle.
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
         self.labels: dict[str, QLabel] = {}
         for name, _ in FIELDS:
             lab = QLabel()
             lab.setTextFormat(Qt.TextFormat.RichText)
-            # Values change width as they change: never let that move the rest of the window.
-            lab.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
-            lab.setMinimumWidth(40)
             self.labels[name] = lab
-            lay.addWidget(lab, 1)
+            lay.addWidget(lab)
+        lay.addStretch(1)
         self.values: dict[str, str] = {}
         self.clear()
 
@@ -64,11 +65,11 @@ class NowStrip(QWidget):
         loss = smoothed if smoothed is not None and math.isfinite(smoothed) else ev.loss
         self._put("loss", fmt_number(float(loss)))
         self._put("lr", fmt_number(ev.learning_rate))
-        self._put("grad norm", fmt_number(ev.grad_norm) if ev.grad_norm is not None else "–")
+        self._put("grad", fmt_number(ev.grad_norm) if ev.grad_norm is not None else "–")
         self._put("tok/s", f"{ev.tokens_per_s:,.0f}" if running else "–")
         if h.on_gpu and "gpu_used" in h.nonzero and h.last_system is not None:
             mem = fmt_mb(h.last_system.gpu_mem_used_mb)
         else:
             mem = fmt_mb(ev.mem_allocated_mb) if ev.mem_allocated_mb else "–"
-        self._put("memory", mem)
+        self._put("mem", mem)
         self._put("ETA", fmt_duration(ev.eta_s) if running else "–")

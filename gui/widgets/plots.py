@@ -488,7 +488,9 @@ class PlotPanel(QWidget):
         self.readout.setStyleSheet(f"color: {MUTED};")
         self.readout.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
         self.readout.setMinimumWidth(0)
-        bar.addWidget(self.readout, 1)
+        self.readout.setContentsMargins(8, 0, 8, 0)
+        self.readout.setFixedHeight(self.readout.fontMetrics().height() + 2)
+        bar.addStretch(1)
 
         # -- plots
         self.glw = TimedLayout()
@@ -606,6 +608,7 @@ class PlotPanel(QWidget):
         lay.setContentsMargins(0, 0, 0, 0)
         lay.setSpacing(0)
         lay.addLayout(bar)
+        lay.addWidget(self.readout)  # a row of its own: a narrow window leaves no room beside the bar
         lay.addWidget(self.glw, 1)
 
         self.smoothing.valueChanged.connect(self._smoothing_changed)

@@ -141,7 +141,7 @@ def test_opening_something_that_is_not_a_run(make_window, tmp_path):
 def test_settings_and_geometry_are_remembered(make_window, make_config, settings, qtbot):
     win = make_window()
     win.set_config(make_config("train.learning_rate=2.5e-4"))
-    win.resize(640, 480)  # within the offscreen screen (800 x 600), which restoreGeometry respects
+    win.resize(1200, 800)  # within the test screen (1920 x 1200), which restoreGeometry respects
     size = (win.width(), win.height())  # what the window allowed (its docks have minimum sizes)
     win.close()
     assert settings.value("window/geometry") is not None

@@ -153,7 +153,7 @@ def test_the_now_strip_shows_the_current_values_without_hovering(make_window, ma
     v = win.now.values
     assert v["step"] == f"{last.step:,} / 100,000"
     assert v["loss"] == fmt_number(float(win.plots.smoother.out.last()))
-    assert v["lr"] == "3e-3" and v["grad norm"] == "1" and v["memory"] == "10 MB"
+    assert v["lr"] == "3e-3" and v["grad"] == "1" and v["mem"] == "10 MB"
     win.controls.pause_action.trigger()
     qtbot.waitUntil(lambda: win.now.values["tok/s"] == "1,000", timeout=5_000)
     assert win.now.values["ETA"] == "0:01"
@@ -305,3 +305,64 @@ def test_the_memory_plot_on_a_cpu_run_names_rss(make_window, make_config, qtbot,
 
 def test_main_window_is_importable_without_a_session():
     assert MainWindow.__doc__ is None or isinstance(MainWindow.__doc__, str)
+
+
+SMALL_SCREEN_PROBE = """
+import json, sys
+from PySide6.QtCore import QSettings, Qt
+from PySide6.QtWidgets import QApplication
+app = QApplication([])
+from tunedeck.gui.widgets import theme
+theme.apply(app)
+from tunedeck.gui.main_window import MainWindow
+win = MainWindow(settings=QSettings(sys.argv[1], QSettings.Format.IniFormat), restore=False)
+win.show()
+for _ in range(30):
+    app.processEvents()
+screen = app.primaryScreen().availableGeometry()
+print(json.dumps({
+    "screen": [screen.width(), screen.height()],
+    "window": [win.frameGeometry().width(), win.frameGeometry().height()],
+    "small": win.small_screen,
+    "loss": win.plots.loss_plot.vb.height(),
+    "log_area": win.dockWidgetArea(win.log_dock).name,
+}))
+"""
+
+
+def test_on_a_real_1280x720_screen_the_window_opens_fitted(tmp_path):
+    """A process of its own on an offscreen screen of 1280 x 720: the window opens within it and
+    the loss plot gets a usable height (it was 30 px)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.gui.conftest import screen_config
+
+    env = dict(os.environ, QT_QPA_PLATFORM=screen_config(1280, 720, str(tmp_path / "screen.json")))
+    env["XDG_DATA_HOME"] = str(tmp_path / "data")
+    out = subprocess.run(
+        [sys.executable, "-c", SMALL_SCREEN_PROBE, str(tmp_path / "s.ini")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["screen"] == [1280, 720]
+    assert got["window"][0] <= 1280 and got["window"][1] <= 720
+    assert got["small"] and got["log_area"] == "RightDockWidgetArea"
+    assert got["loss"] >= 200, got
+
+
+def test_plots_can_be_hidden_from_the_view_menu_and_it_is_kept(make_window, settings):
+    win = make_window()
+    win.plot_actions["grad"].setChecked(False)
+    assert win.plots.grad_plot not in win.plots._shown()
+    assert win.plots.grad_plot not in win.plots.glw.ci.items
+    win.close()
+    again = make_window()
+    assert not again.plot_actions["grad"].isChecked() and "grad" in again.plots.hidden
+    again.plot_actions["grad"].setChecked(True)
+    assert again.plots.grad_plot in again.plots._shown()
