@@ -27,30 +27,33 @@ class NowStrip(QWidget):
         super().__init__(parent)
         lay = QHBoxLayout(self)
         lay.setContentsMargins(8, 2, 8, 2)
-        lay.setSpacing(16)
-        # The strip never asks the window for room (on a narrow one its end is cut), and its
-        # values take the width they need, so none is cut in the middle.
+        # One label for all values: the strip never asks the window for room (on a narrow one its
+        # end is cut), and no value is squeezed into its neighbour.
+        self.label = QLabel()
+        self.label.setTextFormat(Qt.TextFormat.RichText)
+        self.label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        lay.addWidget(self.label)
         self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
-        self.labels: dict[str, QLabel] = {}
-        for name, _ in FIELDS:
-            lab = QLabel()
-            lab.setTextFormat(Qt.TextFormat.RichText)
-            self.labels[name] = lab
-            lay.addWidget(lab)
-        lay.addStretch(1)
         self.values: dict[str, str] = {}
         self.clear()
 
     def _put(self, name: str, value: str) -> None:
-        color = dict(FIELDS)[name] or "#e6e6e6"
         self.values[name] = value
-        self.labels[name].setText(
-            f"<span style='color:{MUTED}'>{name}</span> <span style='color:{color}; font-weight:600'>{value}</span>"
+
+    def _show(self) -> None:
+        gap = "&nbsp;" * 5
+        self.label.setText(
+            gap.join(
+                f"<span style='color:{MUTED}'>{name}</span>&nbsp;"
+                f"<span style='color:{color or '#e6e6e6'}; font-weight:600'>{self.values[name]}</span>"
+                for name, color in FIELDS
+            )
         )
 
     def clear(self) -> None:
         for name, _ in FIELDS:
             self._put(name, "–")
+        self._show()
 
     def text(self) -> str:
         return "  ".join(f"{k} {v}" for k, v in self.values.items())
@@ -73,3 +76,4 @@ class NowStrip(QWidget):
             mem = fmt_mb(ev.mem_allocated_mb) if ev.mem_allocated_mb else "–"
         self._put("mem", mem)
         self._put("ETA", fmt_duration(ev.eta_s) if running else "–")
+        self._show()

@@ -125,6 +125,14 @@ def test_an_engine_failure_is_shown_and_a_new_run_can_start(make_window, make_co
     x, _ = other.plots.c_loss_raw.item.getOriginalDataset()
     assert list(x) == [1, 2, 3]
     assert other.setup.config().train.max_steps == 3
+    # its summary's code loads the adapter with transformers and peft, as a user would paste it
+    from peft import PeftModel
+
+    code = other.summary.snippet.toPlainText()
+    assert f"PeftModel.from_pretrained(base, '{run_dir / 'final'}')" in code
+    scope: dict = {}
+    exec(code, scope)
+    assert isinstance(scope["model"], PeftModel) and scope["tokenizer"] is not None
     # and overlays on a second one for comparison
     other.compare_run(run_dir)
     other.plots.refresh(force=True)
