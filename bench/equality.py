@@ -9,9 +9,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tunedeck.engine.protocol import Set
 
 from tests.engine.helpers import make_cfg, of, run, steps
+from tunedeck.engine.protocol import Set
 
 
 def accumulation(tmp: Path) -> None:

@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tunedeck.engine import attention, builtin, packing
-from tunedeck.engine.data import IGNORE_INDEX, collate
 
 from tests.engine.helpers import make_cfg, run, steps
+from tunedeck.engine import attention, builtin, packing
+from tunedeck.engine.data import IGNORE_INDEX, collate
 
 
 def runs(tmp: Path) -> None:

@@ -21,8 +21,8 @@ t0=$(date +%s)
 stamp() { echo "== $1 ($(( $(date +%s) - t0 )) s)"; }
 
 stamp "install wheels"
-WHEELS=$(ls .whl/bitsandbytes-*.whl .whl/liger_kernel-*.whl .whl/pytest-*.whl .whl/pluggy-*.whl \
-            .whl/iniconfig-*.whl .whl/pygments-*.whl 2>/dev/null)
+# Every carried wheel: bitsandbytes, liger-kernel, datasets and its own needs, pytest (docs/BENCHMARKS.md).
+WHEELS=$(ls .whl/*.whl 2>/dev/null)
 if [ -n "$WHEELS" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $WHEELS || echo "wheel install failed"
 fi

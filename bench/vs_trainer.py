@@ -589,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
+
     from tunedeck.engine import builtin
 
     hf_logging.disable_progress_bar()  # the engine does this itself; the same for Trainer's loads

@@ -17,6 +17,7 @@ import inspect
 from typing import Any
 
 import torch
+
 from tunedeck.engine.packing import CU_K, CU_Q, MAX_K, MAX_Q, cu_seqlens
 
 VARLEN = "tunedeck_varlen"
@@ -212,7 +213,8 @@ def _kernel_ok(query: torch.Tensor, dropout: float, scaling: float | None, featu
 def use_varlen(model: torch.nn.Module) -> bool:
     """Switch ``model`` (a PreTrainedModel, maybe inside a PeftModel) to ``tunedeck_varlen``."""
     register()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
     config = getattr(base, "config", None)
     if config is None or float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
         return False

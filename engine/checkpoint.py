@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
 from tunedeck.engine import config as config_mod
 from tunedeck.engine.config import Config
 from tunedeck.engine.errors import ConfigError
@@ -27,7 +29,7 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _save_weights(model: torch.nn.Module, folder: Path) -> None:
+def _save_weights(model: Any, folder: Path) -> None:  # a PreTrainedModel or a PeftModel
     # PeftModel.save_pretrained writes only the adapter; a plain model writes its full weights.
     model.save_pretrained(folder, safe_serialization=True)
 
@@ -54,7 +56,7 @@ def write(
         config_mod.save(cfg, tmp / "config.yaml")
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            rng = {"cpu": torch.get_rng_state()}
+            rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             torch.save(rng, tmp / "rng_state.pt")
@@ -73,6 +75,17 @@ def write(
     return folder
 
 
+def read_config(folder: Path) -> Config:
+    """The config a checkpoint or ``final/`` folder was written with."""
+    folder = Path(folder)
+    if not (folder / "config.yaml").is_file():
+        raise ConfigError(
+            f"{folder} holds no config.yaml, so it is not a Tunedeck checkpoint or final folder",
+            "give a folder such as runs/<run>/final or runs/<run>/checkpoints/step-000200",
+        )
+    return config_mod.load(folder / "config.yaml")
+
+
 def read_state(folder: Path) -> tuple[Config, dict[str, Any]]:
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
@@ -87,6 +100,20 @@ def read_state(folder: Path) -> tuple[Config, dict[str, Any]]:
         )
     cfg = config_mod.load(folder / "config.yaml")
     return cfg, json.loads((folder / STATE_FILE).read_text())
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A checkpoint opened to resume from: its folder, its config and its trainer state."""
+
+    folder: Path
+    cfg: Config
+    state: dict[str, Any]
+
+
+def open_resume(folder: str | Path) -> Resumed:
+    cfg, state = read_state(Path(folder))
+    return Resumed(Path(folder), cfg, state)
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:

@@ -26,6 +26,7 @@ from tunedeck.engine.protocol import (
     ErrorEvent,
     EvalEvent,
     Event,
+    ProgressEvent,
     SampleEvent,
     StartEvent,
     StateEvent,
@@ -78,6 +79,7 @@ def build_config(args: argparse.Namespace) -> config_mod.Config:
 def preflight(cfg: config_mod.Config) -> None:
     """Refuse, before loading anything, what cannot run on this machine."""
     import torch
+
     from tunedeck.engine import model, optim
 
     optim.check_available(cfg.train.optim)
@@ -132,67 +134,99 @@ class Printer:
     def __init__(self, quiet: bool, stream: TextIO) -> None:
         self.quiet = quiet
         self.stream = stream
-        self.bar = None
+        self.bar: Any = None
+        self.prep: Any = None  # the bar of a preparation (tokenizing) on a terminal
         self.tty = stream.isatty() and not quiet
 
     def say(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text, file=self.stream)
+        bar = self.bar or self.prep
+        if bar is not None:
+            bar.write(text, file=self.stream)
         else:
             print(text, file=self.stream, flush=True)
 
     def handle(self, e: Event) -> None:
-        if isinstance(e, (ErrorEvent, WarningEvent)):
-            advice = f" ({e.advice})" if e.advice else ""
-            self.say(f"{e.type}: {e.message}{advice}")
-        elif self.quiet:
-            return
-        elif isinstance(e, StartEvent):
-            m, d = e.model, e.data
-            self.say(
-                f"run {e.run_id}: {m.get('params_trainable', 0):,} of {m.get('params_total', 0):,} parameters "
-                f"trainable, {m.get('dtype')} on {m.get('device')}; {d.get('train_examples')} train / "
-                f"{d.get('eval_examples')} eval examples; {e.total_steps} steps -> {e.run_dir}"
-            )
-            for line in (e.fast_paths(), e.compile_note()):
-                if line:
-                    self.say(line)
-            if self.tty:
-                from tqdm.auto import tqdm
+        match e:
+            case ErrorEvent() | WarningEvent():
+                advice = f" ({e.advice})" if e.advice else ""
+                self.say(f"{e.type}: {e.message}{advice}")
+            case _ if self.quiet:
+                return
+            case StartEvent():
+                self._start(e)
+            case StepEvent():
+                self._step(e)
+            case ProgressEvent():
+                self._progress(e)
+            case ChangeEvent():
+                text = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in e.changes.items())
+                self.say(f"change after step {e.step} ({e.source}): {text}")
+            case EvalEvent():
+                self.say(f"eval at step {e.step}: eval_loss {e.eval_loss:.4f} perplexity {e.perplexity:.2f}")
+            case CheckpointEvent():
+                self.say(f"checkpoint at step {e.step}: {e.path}")
+            case SampleEvent():
+                self.say(f"sample at step {e.step}: {e.prompt!r} -> {e.text!r}")
+            case StateEvent(state="paused"):
+                self.say("paused")
 
-                self.bar = tqdm(
-                    total=e.total_steps, initial=e.step, file=self.stream, unit="step", dynamic_ncols=True
+    def _start(self, e: StartEvent) -> None:
+        m, d = e.model, e.data
+        self.say(
+            f"run {e.run_id}: {m.get('params_trainable', 0):,} of {m.get('params_total', 0):,} parameters "
+            f"trainable, {m.get('dtype')} on {m.get('device')}; {d.get('train_examples')} train / "
+            f"{d.get('eval_examples')} eval examples; {e.total_steps} steps -> {e.run_dir}"
+        )
+        for line in (e.fast_paths(), e.compile_note()):
+            if line:
+                self.say(line)
+        if self.tty:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=e.total_steps, initial=e.step, file=self.stream, unit="step", dynamic_ncols=True
+            )
+
+    def _step(self, e: StepEvent) -> None:
+        if self.bar is not None:
+            self.bar.total = e.total_steps
+            self.bar.update(e.step - self.bar.n)
+            self.bar.set_postfix(
+                loss=f"{e.loss:.4f}", lr=f"{e.learning_rate:.2e}", tok_s=f"{e.tokens_per_s:,.0f}"
+            )
+            return
+        gn = f"{e.grad_norm:.3f}" if e.grad_norm is not None else "-"
+        self.say(
+            f"step {e.step}/{e.total_steps} loss {e.loss:.4f} lr {e.learning_rate:.3e} grad_norm {gn} "
+            f"accum {e.gradient_accumulation_steps} tok/s {e.tokens_per_s:,.0f} "
+            f"step_time {e.step_time_s * 1000:.1f}ms"
+        )
+
+    def _progress(self, e: ProgressEvent) -> None:
+        """A bar on a terminal; elsewhere one line when a preparation starts and one when it ends."""
+        finished = e.total is not None and e.done >= e.total
+        if self.tty and e.unit:
+            from tqdm.auto import tqdm
+
+            if self.prep is None:
+                self.prep = tqdm(
+                    total=e.total, desc=e.stage, unit=f" {e.unit}", file=self.stream, leave=False
                 )
-        elif isinstance(e, StepEvent):
-            if self.bar is not None:
-                self.bar.total = e.total_steps
-                self.bar.update(e.step - self.bar.n)
-                self.bar.set_postfix(
-                    loss=f"{e.loss:.4f}", lr=f"{e.learning_rate:.2e}", tok_s=f"{e.tokens_per_s:,.0f}"
-                )
-            else:
-                gn = f"{e.grad_norm:.3f}" if e.grad_norm is not None else "-"
-                self.say(
-                    f"step {e.step}/{e.total_steps} loss {e.loss:.4f} lr {e.learning_rate:.3e} grad_norm {gn} "
-                    f"accum {e.gradient_accumulation_steps} tok/s {e.tokens_per_s:,.0f} "
-                    f"step_time {e.step_time_s * 1000:.1f}ms"
-                )
-        elif isinstance(e, ChangeEvent):
-            text = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in e.changes.items())
-            self.say(f"change after step {e.step} ({e.source}): {text}")
-        elif isinstance(e, EvalEvent):
-            self.say(f"eval at step {e.step}: eval_loss {e.eval_loss:.4f} perplexity {e.perplexity:.2f}")
-        elif isinstance(e, CheckpointEvent):
-            self.say(f"checkpoint at step {e.step}: {e.path}")
-        elif isinstance(e, SampleEvent):
-            self.say(f"sample at step {e.step}: {e.prompt!r} -> {e.text!r}")
-        elif isinstance(e, StateEvent) and e.state == "paused":
-            self.say("paused")
+            self.prep.update(e.done - self.prep.n)
+            if finished:
+                self.prep.close()
+                self.prep = None
+        elif e.done == 0:
+            of = f" {e.total:,} {e.unit}" if e.total is not None and e.unit else ""
+            self.say(f"{e.stage}{of}...")
+        elif finished and e.unit:
+            self.say(f"{e.stage}: {e.done:,} {e.unit} done")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        for bar in (self.prep, self.bar):
+            if bar is not None:
+                bar.close()
+        self.bar = self.prep = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             session.send(Cancel())
 
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, on_sigint)
+        previous = signal.signal(signal.SIGINT, on_sigint)
     control = ControlFile(Path(args.control), session.send, printer.say) if args.control else None
     session.start()
     if control:
@@ -227,22 +262,24 @@ def main(argv: list[str] | None = None) -> int:
     config_error = False
     try:
         while end is None:
-            for e in session.drain():
-                printer.handle(e)
+            for event in session.drain():
+                printer.handle(event)
                 config_error |= (
-                    isinstance(e, ErrorEvent)
-                    and e.kind == "config"
+                    isinstance(event, ErrorEvent)
+                    and event.kind == "config"
                     and end is None
                     and session.run_dir is None
                 )
-                if isinstance(e, EndEvent):
-                    end = e
+                if isinstance(event, EndEvent):
+                    end = event
             if end is None:
                 time.sleep(0.05)
     finally:
         if control:
             control.stop()
         printer.close()
+        if previous is not None:  # in-process callers (tests, notebooks) get their handler back
+            signal.signal(signal.SIGINT, previous)
     session.join()
     where = f" -> {end.output}" if end.output else ""
     print(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from tunedeck.engine.errors import ConfigError
 
 OPTIM_NAMES = (
@@ -60,11 +61,15 @@ LIVE_KEYS = (
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
-    meta = {"help": help}
+    meta: dict[str, Any] = {"help": help}
     if choices:
         meta["choices"] = choices
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+
+        def fresh() -> Any:  # each config gets its own copy of a mutable default
+            return type(default)(default)
+
+        return field(default_factory=fresh, metadata=meta)
     return field(default=default, metadata=meta, **kw)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from tunedeck.engine import paths
 from tunedeck.engine.builtin import DEMO, DEMO_FILE
 from tunedeck.engine.config import DataConfig

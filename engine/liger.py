@@ -96,7 +96,8 @@ def apply(model: torch.nn.Module, device: torch.device) -> Applied:
     kernels = "forward" in vars(model)
     plain = saved.get(ROPE)
     if isinstance(plain, RopeSwitch):  # a second Liger model of the same type in this process
-        plain.fused = fused if fused is not plain else plain.fused
+        switch: RopeSwitch = plain
+        switch.fused = fused if fused is not switch else switch.fused
         return Applied(kernels, kernels)
     if not kernels or plain is None or fused is None or fused is plain:
         return Applied(kernels, False)

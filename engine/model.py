@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from tunedeck.engine import builtin, liger, paths
 from tunedeck.engine.config import Config
 from tunedeck.engine.errors import ConfigError, ModelError
@@ -116,7 +117,19 @@ def quantization_config(cfg: Config, dtype: torch.dtype) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load(cfg: Config, device: torch.device | None = None) -> Loaded:
+@dataclass
+class Base:
+    """A base model as loaded, before any adapter: what training wraps and what sampling reuses."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    quantized: bool
+
+
+def load_base(cfg: Config, device: torch.device | None = None) -> Base:
+    """The model of ``cfg.model`` and its tokenizer, through ``from_pretrained``, on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -130,7 +143,7 @@ def load(cfg: Config, device: torch.device | None = None) -> Loaded:
     quant = quantization_config(cfg, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
             attn_implementation=cfg.model.attn_implementation,
@@ -149,19 +162,25 @@ def load(cfg: Config, device: torch.device | None = None) -> Loaded:
         tokenizer.pad_token = tokenizer.eos_token
     if quant is None:
         model.to(device)
-    applied = liger.apply(model, device) if cfg.train.use_liger_kernel else liger.Applied()
-    model = wrap_for_training(model, cfg, quantized=quant is not None)
+    return Base(model=model, tokenizer=tokenizer, device=device, dtype=dtype, quantized=quant is not None)
+
+
+def load(cfg: Config, device: torch.device | None = None) -> Loaded:
+    """The base model with Liger's kernels where they apply, wrapped for LoRA, QLoRA or full training."""
+    base = load_base(cfg, device)
+    applied = liger.apply(base.model, base.device) if cfg.train.use_liger_kernel else liger.Applied()
+    model = wrap_for_training(base.model, cfg, quantized=base.quantized)
     return Loaded(
         model=model,
-        tokenizer=tokenizer,
-        device=device,
-        dtype=dtype,
+        tokenizer=base.tokenizer,
+        device=base.device,
+        dtype=base.dtype,
         liger=applied.kernels,
         liger_rope=applied.rope,
     )
 
 
-def wrap_for_training(model: torch.nn.Module, cfg: Config, *, quantized: bool) -> torch.nn.Module:
+def wrap_for_training(model: Any, cfg: Config, *, quantized: bool) -> torch.nn.Module:
     model.config.use_cache = False
     if quantized:
         from peft import prepare_model_for_kbit_training
@@ -181,7 +200,7 @@ def wrap_for_training(model: torch.nn.Module, cfg: Config, *, quantized: bool) -
 
     lc = LoraConfig(
         r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
+        lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # annotated int; peft scales by alpha / r
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
         task_type="CAUSAL_LM",

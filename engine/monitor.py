@@ -2,7 +2,7 @@
 
 Per-step memory comes from the torch CUDA allocator (no device sync: these are host-side
 counters). On the CPU there is no allocator to ask, so the step fields carry the process RSS.
-A daemon thread samples the process and, through NVML, the GPU about once a second.
+A daemon thread samples the process and the GPU (torch's NVML readers) about once a second.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import resource
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 import psutil
 import torch
+
 from tunedeck.engine.protocol import SystemEvent
 
 MB = 1024 * 1024
@@ -33,41 +34,45 @@ def step_memory(device: torch.device) -> dict[str, float]:
     return {"mem_allocated_mb": rss, "mem_reserved_mb": rss, "mem_peak_mb": max(peak, rss)}
 
 
-class Nvml:
-    """NVML readings for one GPU; every method degrades to None where NVML is missing."""
+class GpuSample(TypedDict):
+    gpu_util: float | None
+    gpu_mem_used_mb: float | None
+    gpu_mem_total_mb: float | None
+    gpu_power_w: float | None
+    gpu_temp_c: float | None
 
-    def __init__(self, index: int = 0) -> None:
-        self.handle = None
+
+class GpuReadings:
+    """One GPU's utilisation, memory, power and temperature, through torch's NVML-backed readers.
+
+    torch maps ``device`` (an index among the visible GPUs) through CUDA_VISIBLE_DEVICES to NVML's
+    index, so with ``CUDA_VISIBLE_DEVICES=3`` device 0 reads GPU 3. Each reading degrades to None
+    where NVML is missing or the GPU does not report it.
+    """
+
+    def __init__(self, device: int) -> None:
+        self.device = device
         try:
-            import pynvml
+            self.total_mb: float | None = torch.cuda.get_device_properties(device).total_memory / MB
+        except Exception:  # no CUDA: nothing to read
+            self.total_mb = None
 
-            pynvml.nvmlInit()
-            self.nv = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        except Exception:  # no driver, no GPU, no library: readings are simply absent
-            self.handle = None
+    def read(self) -> GpuSample:
+        cuda, d = torch.cuda, self.device
+        return GpuSample(
+            gpu_util=_reading(lambda: float(cuda.utilization(d))),
+            gpu_mem_used_mb=_reading(lambda: cuda.device_memory_used(d) / MB),
+            gpu_mem_total_mb=self.total_mb,
+            gpu_power_w=_reading(lambda: cuda.power_draw(d) / 1000.0),  # NVML reports milliwatts
+            gpu_temp_c=_reading(lambda: float(cuda.temperature(d))),
+        )
 
-    @property
-    def ok(self) -> bool:
-        return self.handle is not None
 
-    def read(self) -> dict[str, float | None]:
-        if not self.ok:
-            return {}
-        nv, h = self.nv, self.handle
-        out: dict[str, float | None] = {}
-        for key, fn in (
-            ("gpu_util", lambda: float(nv.nvmlDeviceGetUtilizationRates(h).gpu)),
-            ("gpu_mem_used_mb", lambda: nv.nvmlDeviceGetMemoryInfo(h).used / MB),
-            ("gpu_mem_total_mb", lambda: nv.nvmlDeviceGetMemoryInfo(h).total / MB),
-            ("gpu_power_w", lambda: nv.nvmlDeviceGetPowerUsage(h) / 1000.0),
-            ("gpu_temp_c", lambda: float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))),
-        ):
-            try:
-                out[key] = fn()
-            except Exception:  # one unsupported reading must not hide the others
-                out[key] = None
-        return out
+def _reading(read: Callable[[], float]) -> float | None:
+    try:
+        return read()
+    except Exception:  # no NVML, or a reading this GPU does not give: the others still count
+        return None
 
 
 class SystemSampler:
@@ -77,7 +82,7 @@ class SystemSampler:
         self.emit = emit
         self.interval = interval
         self.proc = psutil.Process()
-        self.nvml = Nvml(torch.cuda.current_device() if use_gpu else 0) if use_gpu else None
+        self.gpu = GpuReadings(torch.cuda.current_device()) if use_gpu else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tunedeck-monitor", daemon=True)
 
@@ -91,10 +96,10 @@ class SystemSampler:
             self._thread.join(timeout=2)
 
     def sample(self) -> SystemEvent:
-        gpu = self.nvml.read() if self.nvml is not None else {}
-        return SystemEvent(
-            rss_mb=self.proc.memory_info().rss / MB, cpu_percent=self.proc.cpu_percent(None), **gpu
-        )
+        rss, cpu = self.proc.memory_info().rss / MB, self.proc.cpu_percent(None)
+        if self.gpu is None:
+            return SystemEvent(rss_mb=rss, cpu_percent=cpu)
+        return SystemEvent(rss_mb=rss, cpu_percent=cpu, **self.gpu.read())
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

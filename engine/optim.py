@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+
 from tunedeck.engine.config import OPTIM_NAMES, TrainConfig
 from tunedeck.engine.errors import ConfigError
 
@@ -29,7 +30,8 @@ def actual_name(name: str, device: torch.device) -> str:
 def param_groups(
     params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float
 ) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in params:
         if not p.requires_grad:
             continue

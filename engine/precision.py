@@ -10,19 +10,22 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 _lora_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _peft_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def _peft_layers(model: torch.nn.Module) -> list[Any]:
+    """The model's peft adapter layers (found once per model)."""
     if model not in _lora_layers:
         try:
             from peft.tuners.tuners_utils import BaseTunerLayer
         except ImportError:
-            BaseTunerLayer = ()  # noqa: N806
-        _lora_layers[model] = [m for m in model.modules() if BaseTunerLayer and isinstance(m, BaseTunerLayer)]
+            _lora_layers[model] = []
+        else:
+            _lora_layers[model] = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     return _lora_layers[model]
 
 

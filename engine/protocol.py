@@ -57,10 +57,44 @@ class Eval(Command):
 
 
 @dataclass(frozen=True)
+class SamplingOptions:
+    """How a ``sample`` generates: greedy by default; a temperature above 0 samples."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+
+    def check(self) -> SamplingOptions:
+        """Refuse out-of-range values with one line each; return self."""
+        rules = (
+            ("max_new_tokens", 1 <= self.max_new_tokens <= 4096, "a whole number from 1 to 4096"),
+            ("temperature", 0.0 <= self.temperature <= 10.0, "from 0 (greedy) to 10"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "above 0 and at most 1"),
+            ("top_k", self.top_k >= 0, "0 (off) or more"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**63, "a whole number >= 0"),
+        )
+        for name, ok, allowed in rules:
+            if not ok:
+                raise ConfigError(f"sample {name}={getattr(self, name)!r} is out of range", f"give {allowed}")
+        return self
+
+
+@dataclass(frozen=True)
 class Sample(Command):
+    """Generate from the model as it is now; the training run is not changed by it."""
+
     name: ClassVar[str] = "sample"
     prompt: str = ""
     max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def options(self) -> SamplingOptions:
+        return SamplingOptions(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed)
 
 
 @dataclass(frozen=True)
@@ -108,11 +142,19 @@ def command_from_dict(data: dict[str, Any]) -> Command:
     if name == "sample":
         if not isinstance(rest.get("prompt", ""), str):
             raise ConfigError("sample prompt must be text", 'e.g. {"cmd": "sample", "prompt": "Hello"}')
-        mnt = rest.get("max_new_tokens", 64)
-        if isinstance(mnt, bool) or not isinstance(mnt, int) or not 1 <= mnt <= 4096:
-            raise ConfigError(
-                f"sample max_new_tokens={mnt!r} is out of range", "give a whole number from 1 to 4096"
+        kinds = {"max_new_tokens": int, "temperature": float, "top_p": float, "top_k": int, "seed": int}
+        for key, kind in kinds.items():
+            value = rest.get(key)
+            ok = value is None if key == "seed" else key not in rest
+            ok = ok or (
+                not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
             )
+            if not ok:
+                what = "a number" if kind is float else "a whole number"
+                raise ConfigError(f"sample {key}={value!r} is not {what}", f"give {key} {what}")
+        command = Sample(**rest)
+        command.options().check()
+        return command
     return cls(**rest)
 
 

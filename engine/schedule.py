@@ -13,9 +13,15 @@ spans the run as first planned (``total`` steps):
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
+import torch
+
+from tunedeck.engine.config import SCHEDULER_NAMES
 from tunedeck.engine.errors import ConfigError
 
 
@@ -36,86 +42,68 @@ def default_kwargs(kind: str, total_steps: int) -> dict[str, Any]:
 def multiplier(
     kind: str, x: float, *, warmup: float, total: float, base_lr: float, kw: dict[str, Any]
 ) -> float:
-    """The HF lambda of ``kind`` at (possibly fractional) step ``x``; same formulas, same defaults."""
-
-    def ramp() -> float:
-        return x / max(1.0, warmup)
-
-    if kind == "constant":
-        return 1.0
-    if kind == "constant_with_warmup":
-        return ramp() if x < warmup else 1.0
-    if kind == "linear":
-        if x < warmup:
-            return ramp()
-        return max(0.0, (total - x) / max(1.0, total - warmup))
-    if kind in ("cosine", "cosine_with_min_lr"):
-        if kind == "cosine_with_min_lr" and "min_lr" in kw:
-            min_rate = kw["min_lr"] / base_lr
-        else:
-            min_rate = kw.get("min_lr_rate", 0.0)
-        if x < warmup:
-            return ramp()
-        progress = (x - warmup) / max(1.0, total - warmup)
-        factor = 0.5 * (1.0 + math.cos(math.pi * float(kw.get("num_cycles", 0.5)) * 2.0 * progress))
-        return max(0.0, factor * (1 - min_rate) + min_rate)
-    if kind == "cosine_with_restarts":
-        if x < warmup:
-            return ramp()
-        progress = (x - warmup) / max(1.0, total - warmup)
-        if progress >= 1.0:
-            return 0.0
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((float(kw.get("num_cycles", 1)) * progress) % 1.0))))
-    if kind == "polynomial":
-        lr_end, power = float(kw.get("lr_end", 1e-7)), float(kw.get("power", 1.0))
-        if x < warmup:
-            return ramp()
-        if x > total:
-            return lr_end / base_lr
-        pct_remaining = 1 - (x - warmup) / (total - warmup)
-        return ((base_lr - lr_end) * pct_remaining**power + lr_end) / base_lr
-    if kind == "inverse_sqrt":
-        if x < warmup:
-            return ramp()
-        timescale = kw.get("timescale") or warmup or 10_000
-        return 1.0 / math.sqrt((x + timescale - warmup) / timescale)
-    if kind == "warmup_stable_decay":
-        return _wsd(x, warmup=warmup, total=total, kw=kw)
-    raise ConfigError(
-        f"train.lr_scheduler_type={kind!r} is not a known schedule",
-        "use constant, linear, cosine, cosine_with_restarts, polynomial, inverse_sqrt, "
-        "cosine_with_min_lr, constant_with_warmup or warmup_stable_decay",
-    )
+    """The multiplier of HF's schedule ``kind`` at (possibly fractional) step ``x``: transformers' own
+    lambda, built once per shape."""
+    return float(_hf_lambda(kind, warmup, total, base_lr, _frozen(kw))(x))
 
 
-def _wsd(x: float, *, warmup: float, total: float, kw: dict[str, Any]) -> float:
-    decay = float(kw.get("num_decay_steps", max(1, round(0.1 * total))))
-    stable = float(kw.get("num_stable_steps", total - warmup - decay))
-    min_ratio = float(kw.get("min_lr_ratio", 0.0))
-    cycles = float(kw.get("num_cycles", 0.5))
+def _frozen(kw: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(kw.items()))
 
-    def curve(kind: str, p: float, rising: bool) -> float:
-        if kind == "linear":
-            return p if rising else 1.0 - p
-        if kind == "cosine":
-            return (
-                0.5 * (1.0 - math.cos(math.pi * p))
-                if rising
-                else 0.5 * (1.0 + math.cos(math.pi * cycles * 2.0 * p))
-            )
-        if kind == "1-sqrt":
-            return 1.0 - math.sqrt(1.0 - p) if rising else 1.0 - math.sqrt(p)
-        raise ConfigError(f"warmup_stable_decay type {kind!r} is unknown", "use linear, cosine or 1-sqrt")
 
-    if x < warmup:
-        f = curve(kw.get("warmup_type", "linear"), x / max(1.0, warmup), True)
-        return max(0.0, f * (1.0 - min_ratio) + min_ratio)
-    if x < warmup + stable:
-        return 1.0
-    if x < warmup + stable + decay:
-        f = curve(kw.get("decay_type", "cosine"), (x - warmup - stable) / max(1.0, decay), False)
-        return max(0.0, f * (1.0 - min_ratio) + min_ratio)
-    return min_ratio
+@functools.lru_cache(maxsize=128)
+def _hf_lambda(
+    kind: str, warmup: float, total: float, base_lr: float, kw: tuple[tuple[str, Any], ...]
+) -> Callable[[float], float]:
+    """``transformers.get_scheduler``'s lambda for one shape (on a throwaway optimizer, whose LR is
+    the base some shapes read: ``lr_end``, ``min_lr``). Refuses settings the shape does not take."""
+    from transformers import SchedulerType, get_scheduler
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+
+    if kind not in SCHEDULER_NAMES:
+        raise ConfigError(
+            f"train.lr_scheduler_type={kind!r} is not a known schedule",
+            f"use one of {', '.join(SCHEDULER_NAMES)}",
+        )
+    func = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(kind)]
+    params = inspect.signature(cast(Callable[..., Any], func)).parameters
+    takes = [n for n in params if n not in _NOT_SETTINGS]
+    unknown = [k for k, _ in kw if k not in takes]
+    if unknown:
+        raise ConfigError(
+            f"train.lr_scheduler_kwargs has {unknown[0]!r}, which the {kind} schedule does not take",
+            f"{kind} takes {', '.join(takes) or 'no settings'}",
+        )
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
+    try:
+        # Steps on the virtual axis are fractional; transformers' lambdas compute in floats anyway.
+        sched = get_scheduler(
+            kind,
+            opt,
+            num_warmup_steps=warmup,  # type: ignore[arg-type]
+            num_training_steps=total,  # type: ignore[arg-type]
+            scheduler_specific_kwargs=dict(kw),
+        )
+        lam = sched.lr_lambdas[0]
+        # Every branch of the shape once now, so a bad value fails here and not after the warm-up.
+        for x in (0.0, warmup / 2, warmup, (warmup + total) / 2, total):
+            float(lam(x))
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ConfigError(
+            f"train.lr_scheduler_kwargs={dict(kw)!r} does not work with {kind}: {str(e).splitlines()[0]}",
+            "fix or remove the value (see transformers' get_scheduler)",
+        ) from None
+    return lam
+
+
+# Arguments of transformers' schedule functions that are not user settings.
+_NOT_SETTINGS = ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")
+
+
+def check(kind: str, kwargs: dict[str, Any], total_steps: int, warmup_steps: int, base_lr: float) -> None:
+    """Refuse, before anything loads, a schedule or settings that would fail while the run goes."""
+    kw = {**default_kwargs(kind, total_steps), **kwargs}
+    multiplier(kind, 0.0, warmup=float(warmup_steps), total=float(total_steps), base_lr=base_lr, kw=kw)
 
 
 class LRSchedule:

@@ -7,89 +7,21 @@ every event is also appended to ``<run>/metrics.jsonl`` (flushed per line) and, 
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunedeck.engine.config import Config
 from tunedeck.engine.errors import TunedeckError
 from tunedeck.engine.monitor import SystemSampler
-from tunedeck.engine.protocol import (
-    Command,
-    EndEvent,
-    ErrorEvent,
-    EvalEvent,
-    Event,
-    StartEvent,
-    StepEvent,
-    command_from_dict,
-)
+from tunedeck.engine.protocol import Cancel, Command, EndEvent, ErrorEvent, Event, command_from_dict
+from tunedeck.engine.sinks import RunLog, default_sinks
 
-
-class RunLog:
-    """Writes events to metrics.jsonl; holds back those emitted before the run folder exists.
-
-    A resumed run appends to the same files from its checkpoint's step on. In metrics.jsonl its
-    ``start`` event (``step`` = the checkpoint's step) marks that the steps logged after it before are
-    superseded (the GUI drops them); in TensorBoard the writer is opened with ``purge_step``, the
-    TensorBoard way of saying the same, so its curves show each step once.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: list[Event] = []
-        self._file = None
-        self._run_dir: Path | None = None
-        self._tb = None
-
-    def open(self, run_dir: Path) -> None:
-        with self._lock:
-            self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-            self._run_dir = run_dir
-            pending, self._pending = self._pending, []
-            for e in pending:
-                self._write(e)
-
-    def write(self, event: Event) -> None:
-        with self._lock:
-            if self._file is None:
-                self._pending.append(event)
-            else:
-                self._write(event)
-
-    def _write(self, event: Event) -> None:
-        self._file.write(json.dumps(event.to_dict(), default=str) + "\n")
-        self._file.flush()
-        if isinstance(event, StartEvent) and self._tb is None:
-            # Opened here, not with the folder: only the start event knows the step a resume begins at.
-            self._tb = _tensorboard(self._run_dir, purge_step=event.step + 1 if event.resumed_from else None)
-        if self._tb is not None:
-            if isinstance(event, StepEvent):
-                for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "mem_allocated_mb"):
-                    value = getattr(event, key)
-                    if value is not None:
-                        self._tb.add_scalar(f"train/{key}", value, event.step)
-            elif isinstance(event, EvalEvent):
-                self._tb.add_scalar("eval/loss", event.eval_loss, event.step)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
-            if self._tb is not None:
-                self._tb.close()
-
-
-def _tensorboard(run_dir: Path, purge_step: int | None) -> Any:
-    try:
-        import tensorboard  # noqa: F401
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
+if TYPE_CHECKING:
+    from tunedeck.engine.sampling import Sampler
+    from tunedeck.engine.trainer import Trainer
 
 
 class TrainingSession:
@@ -103,13 +35,17 @@ class TrainingSession:
     def __init__(
         self, config: Config | None, resume_from: str | Path | None = None, *, system_interval: float = 1.0
     ) -> None:
+        if config is None and resume_from is None:
+            raise ValueError("a TrainingSession needs a config or a checkpoint to resume from")
         self.config = config
         self.resume_from = resume_from
         self.system_interval = system_interval
         self._events: queue.Queue[Event] = queue.Queue()
         self._commands: queue.Queue[Command] = queue.Queue()
+        self._cancel = threading.Event()
         self._log = RunLog()
         self._thread: threading.Thread | None = None
+        self._trainer: Trainer | None = None
         self.run_dir: Path | None = None
         self.end: EndEvent | None = None
 
@@ -120,13 +56,16 @@ class TrainingSession:
         self._thread.start()
 
     def send(self, command: Command | dict[str, Any]) -> None:
-        """Queue a command for the next optimizer-step boundary; a malformed one becomes an error event."""
+        """Queue a command for the next optimizer-step boundary; a malformed one becomes an error event.
+        ``cancel`` also takes effect at once: ahead of queued commands and between generated tokens."""
         if isinstance(command, dict):
             try:
                 command = command_from_dict(command)
             except TunedeckError as e:
                 self._emit(ErrorEvent(message=e.message, kind=e.kind, advice=e.advice))
                 return
+        if isinstance(command, Cancel):
+            self._cancel.set()
         self._commands.put(command)
 
     def drain(self, max_items: int | None = None) -> list[Event]:
@@ -148,30 +87,43 @@ class TrainingSession:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def sampler(self) -> Sampler | None:
+        """After the run has ended: the trained model, kept in memory for generation until this session
+        is dropped (None before the end, or when the model never loaded)."""
+        if self.end is None or self._trainer is None:
+            return None
+        return self._trainer.sampler()
+
     def _emit(self, event: Event) -> None:
         self._log.write(event)
         self._events.put(event)
 
     def _set_run_dir(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        self._log.open(run_dir)
+        self._log.open(default_sinks(run_dir))
 
     def _main(self) -> None:
+        import torch
+
+        from tunedeck.engine import checkpoint
         from tunedeck.engine.trainer import Trainer
 
-        sampler = None
+        monitor = None
         try:
-            trainer = Trainer(
-                self.config, self._emit, self._commands, self.resume_from, on_run_dir=self._set_run_dir
+            resume = checkpoint.open_resume(self.resume_from) if self.resume_from is not None else None
+            config = self.config if self.config is not None else resume.cfg  # type: ignore[union-attr]
+            self._trainer = Trainer(
+                config, self._emit, self._commands, resume, on_run_dir=self._set_run_dir, cancel=self._cancel
             )
-            import torch
-
             if self.system_interval > 0:  # 0 turns the system sampler off
-                sampler = SystemSampler(
+                monitor = SystemSampler(
                     self._emit, use_gpu=torch.cuda.is_available(), interval=self.system_interval
                 )
-                sampler.start()
-            end = trainer.run()
+                monitor.start()
+            end = self._trainer.run()
+        except TunedeckError as e:  # a checkpoint that cannot be resumed
+            self._emit(ErrorEvent(message=e.message, kind=e.kind, advice=e.advice))
+            end = EndEvent(status="failed", step=0, output=None)
         except Exception as e:  # the engine thread never dies silently, nor takes its host down
             self._emit(
                 ErrorEvent(
@@ -181,10 +133,10 @@ class TrainingSession:
                 )
             )
             self._log.write(ErrorEvent(message=traceback.format_exc(), kind="internal", advice=""))
-            end = EndEvent(status="failed", step=getattr(locals().get("trainer"), "step", 0), output=None)
+            end = EndEvent(status="failed", step=self._trainer.step if self._trainer else 0, output=None)
         finally:
-            if sampler is not None:
-                sampler.stop()
+            if monitor is not None:
+                monitor.stop()
         self.end = end
         self._emit(end)
         self._log.close()

@@ -1,11 +1,12 @@
-"""The training loop: setup, train, evaluate, save, cleanup; live commands at step boundaries.
+"""The training loop, in the order of torchtune's recipes: setup (model, data, plan, optimizer and
+schedule, then a checkpoint's state when resuming), train, evaluate and save, and live commands at
+each optimizer-step boundary.
 
 A straight loop rather than transformers' Trainer: Trainer fixes gradient accumulation per epoch
-and its schedulers overwrite live LR changes. The data is a stream of micro-batches (epochs end
-to end, each shuffled with ``seed + epoch``); an optimizer step takes the next
-``gradient_accumulation_steps`` of them, and the loss is normalised by the target tokens of the
-whole window, so batch 2 x accumulation 4 equals batch 8 x accumulation 1. The loss and gradient
-norm are read from the device once per optimizer step, together.
+and its schedulers overwrite live LR changes. An optimizer step takes the next micro-batches of the
+:class:`~tunedeck.engine.plan.StepPlan`, and the loss is normalised by the target tokens of the whole
+window, so batch 2 x accumulation 4 equals batch 8 x accumulation 1. The loss and gradient norm are
+read from the device once per optimizer step, together.
 """
 
 from __future__ import annotations
@@ -14,19 +15,22 @@ import contextlib
 import math
 import os
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from tunedeck.engine import attention, checkpoint, data, liger, optim, packing, precision
+
+from tunedeck.engine import attention, checkpoint, data, liger, optim, packing, precision, sampling
+from tunedeck.engine import config as config_mod
 from tunedeck.engine import model as model_mod
 from tunedeck.engine.config import LIVE_KEYS, Config, validate_value
 from tunedeck.engine.errors import ConfigError, TunedeckError
 from tunedeck.engine.monitor import step_memory
+from tunedeck.engine.plan import StepPlan
 from tunedeck.engine.protocol import (
     Cancel,
     ChangeEvent,
@@ -38,6 +42,7 @@ from tunedeck.engine.protocol import (
     EvalEvent,
     Event,
     Pause,
+    ProgressEvent,
     Resume,
     Sample,
     SampleEvent,
@@ -61,37 +66,40 @@ NAN_ADVICE = (
 )
 
 
-@dataclass
-class Position:
-    """Where the micro-batch stream stands; enough to resume exactly."""
-
-    micro: int = 0  # micro-batches consumed since the start of the run
-    total_micro: int = 0  # micro-batches the run plans to consume (recounted on accumulation changes)
-
-
 class Trainer:
+    """One run. ``cfg`` is the run's whole config (for a resume, the checkpoint's, with any changes);
+    ``resume`` the checkpoint it continues. ``cancel``, when set, ends the run at the next boundary
+    and stops a generation between tokens, ahead of any queued command."""
+
     def __init__(
         self,
-        cfg: Config | None,
+        cfg: Config,
         emit: Callable[[Event], None],
-        commands: queue.Queue,
-        resume_from: str | Path | None = None,
+        commands: queue.Queue[Command],
+        resume: checkpoint.Resumed | None = None,
         on_run_dir: Callable[[Path], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
-        """``cfg`` None with ``resume_from``: the checkpoint's own (effective) config."""
-        if cfg is None and resume_from is None:
-            raise ValueError("a Trainer needs a config or a checkpoint to resume from")
         self.cfg = cfg
         self.emit = emit
         self.commands = commands
-        self.resume_from = Path(resume_from) if resume_from else None
+        self.resume = resume
         self.on_run_dir = on_run_dir
-        self.step = 0
+        self.cancel = cancel or threading.Event()
         self.state = "loading"
+        self.plan: StepPlan | None = None
         self.change_log: list[dict[str, Any]] = []
         self.run_dir: Path | None = None
         self.elapsed_before = 0.0
         self.step_time_ema = 0.0
+        self.last_lr = 0.0
+        self.compiled: str | None = None
+        self._order_epoch = -1
+        self._order_cache: list[int] = []
+
+    @property
+    def step(self) -> int:
+        return self.plan.step if self.plan is not None else 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -116,22 +124,48 @@ class Trainer:
         return EndEvent(status=status, step=self.step, output=output)
 
     def setup(self) -> None:
-        resume_state: dict[str, Any] | None = None
-        if self.resume_from is not None:
-            saved_cfg, resume_state = checkpoint.read_state(self.resume_from)
-            self.cfg = self.cfg or saved_cfg
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         optim.check_available(t.optim)
         torch.manual_seed(t.seed)
-        self.loaded = model_mod.load(cfg)
+        self._setup_model()
+        self._setup_data()
+        self.plan = StepPlan.create(
+            len(self.train_examples),
+            t.per_device_train_batch_size,
+            t.gradient_accumulation_steps,
+            t.num_train_epochs,
+            t.max_steps,
+        )
+        self._setup_optimizer(self.plan.total_steps)
+        if self.resume is not None:
+            self._restore(self.resume)
+        if t.torch_compile:
+            self._compile()
+        self._open_run_dir()
+        self.emit(self._start_event())
+
+    def _setup_model(self) -> None:
+        self.emit(ProgressEvent(stage="model", done=0, total=1))
+        self.loaded = model_mod.load(self.cfg)
         if self.loaded.device.type == "cpu":
             _leave_a_core_free()
         self.model, self.tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
-        self.varlen = attention.enable_varlen(self.model, cfg.data.packing, self.device, self.loaded.dtype)
-        self.compiled: str | None = None
-        splits = data.load_examples(cfg.data, self.tokenizer, t.seed)
+        self.varlen = attention.enable_varlen(
+            self.model, self.cfg.data.packing, self.device, self.loaded.dtype
+        )
+        self.emit(ProgressEvent(stage="model", done=1, total=1))
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        splits = data.load_examples(cfg.data, self.tokenizer, cfg.train.seed)
         self.train_examples, self.eval_examples = splits.train, splits.eval
         self.data_format = splits.format
+        self.data_info = {
+            "train_examples": len(splits.train),
+            "eval_examples": len(splits.eval),
+            "format": splits.format,
+            "dropped": splits.dropped,
+        }
         if splits.dropped:
             self.emit(
                 WarningEvent(
@@ -141,19 +175,11 @@ class Trainer:
                     advice="raise data.max_length to keep them",
                 )
             )
-        self.per_epoch = math.ceil(len(self.train_examples) / t.per_device_train_batch_size)
-        self.ga = t.gradient_accumulation_steps
-        if t.max_steps > 0:
-            total_steps = t.max_steps
-            total_micro = t.max_steps * self.ga
-        else:
-            total_micro = math.ceil(t.num_train_epochs * self.per_epoch)
-            total_steps = math.ceil(total_micro / self.ga)
-        self.pos = Position(micro=0, total_micro=total_micro)
-        self.total_steps = total_steps
+
+    def _setup_optimizer(self, total_steps: int) -> None:
+        t = self.cfg.train
         params = list(self.model.named_parameters())
         self.trainable = [p for _, p in params if p.requires_grad]
-        self.optim_name = t.optim
         self.optimizer = optim.build(
             optim.actual_name(t.optim, self.device),
             optim.param_groups(params, t.weight_decay),
@@ -164,45 +190,22 @@ class Trainer:
         self.schedule = LRSchedule(
             t.lr_scheduler_type, t.learning_rate, total_steps, warmup, t.lr_scheduler_kwargs
         )
-        if resume_state is not None:
-            self._restore(resume_state)
-        if t.torch_compile:
-            self._compile()
-        self._open_run_dir()
-        self.emit(
-            StartEvent(
-                run_id=self.run_dir.name,
-                config=cfg.to_dict(),
-                model={
-                    **self.loaded.info(),
-                    "compiled": self.compiled,
-                    "attention": f"{attention.VARLEN} ({self.varlen})"
-                    if self.varlen
-                    else cfg.model.attn_implementation,
-                    "optimizer": optim.actual_name(t.optim, self.device),
-                },
-                data={
-                    "train_examples": len(self.train_examples),
-                    "eval_examples": len(self.eval_examples),
-                    "format": splits.format,
-                    "dropped": splits.dropped,
-                },
-                total_steps=self.total_steps,
-                run_dir=str(self.run_dir),
-                resumed_from=str(self.resume_from) if self.resume_from else None,
-                changes=list(self.change_log),
-                step=self.step,
-            )
-        )
 
-    @contextlib.contextmanager
-    def _compute(self) -> Iterator[None]:
-        """Around every forward pass of the model: bf16 autocast and Liger's RoPE where they apply."""
-        with (
-            precision.autocast(self.device, self.loaded.dtype, self.model),
-            liger.fused_rope(self.loaded.liger_rope),
-        ):
-            yield
+    def _restore(self, resume: checkpoint.Resumed) -> None:
+        """Weights, optimizer, schedule, data position, change log and RNG, as the checkpoint left them."""
+        assert self.plan is not None
+        state = resume.state
+        checkpoint.load_weights(self.model, resume.folder)
+        checkpoint.load_optimizer(self.optimizer, resume.folder)
+        self.schedule.load_state_dict(state["schedule"])
+        if "plan" in state:
+            self.plan = StepPlan.from_state(state["plan"])
+        else:
+            self.plan = StepPlan.from_micro_count(self.plan, state)
+        self.change_log = list(state.get("change_log", []))
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.last_lr = self.schedule.last_lr()
+        checkpoint.load_rng(resume.folder)
 
     def _compile(self) -> None:
         """torch.compile the model in place (``Module.compile``), so parameter names, checkpoints,
@@ -224,10 +227,8 @@ class Trainer:
         self.compiled = t.torch_compile_backend + (f" ({kwargs['mode']})" if "mode" in kwargs else "")
 
     def _open_run_dir(self) -> None:
-        from tunedeck.engine import config as config_mod
-
-        if self.resume_from is not None and self.resume_from.parent.name == "checkpoints":
-            self.run_dir = self.resume_from.parent.parent
+        if self.resume is not None and self.resume.folder.parent.name == "checkpoints":
+            self.run_dir = self.resume.folder.parent.parent
         else:
             root = Path(self.cfg.train.output_dir)
             name = self.cfg.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -241,15 +242,46 @@ class Trainer:
         if self.on_run_dir is not None:
             self.on_run_dir(self.run_dir)
 
+    def _start_event(self) -> StartEvent:
+        assert self.plan is not None and self.run_dir is not None
+        attn = self.cfg.model.attn_implementation
+        return StartEvent(
+            run_id=self.run_dir.name,
+            config=self.cfg.to_dict(),
+            model={
+                **self.loaded.info(),
+                "compiled": self.compiled,
+                "attention": f"{attention.VARLEN} ({self.varlen})" if self.varlen else attn,
+                "optimizer": optim.actual_name(self.cfg.train.optim, self.device),
+            },
+            data=self.data_info,
+            total_steps=self.plan.total_steps,
+            run_dir=str(self.run_dir),
+            resumed_from=str(self.resume.folder) if self.resume else None,
+            changes=list(self.change_log),
+            step=self.step,
+        )
+
+    @contextlib.contextmanager
+    def _compute(self) -> Iterator[None]:
+        """Around every forward pass of the model: bf16 autocast and Liger's RoPE where they apply."""
+        with (
+            precision.autocast(self.device, self.loaded.dtype, self.model),
+            liger.fused_rope(self.loaded.liger_rope),
+        ):
+            yield
+
     # ------------------------------------------------------------ the loop
 
     def train(self) -> str:
         t = self.cfg.train
+        plan = self.plan
+        assert plan is not None
         self._set_state("running")
         self.model.train()
         self.t0 = time.perf_counter()
-        self.start_step = self.step
-        while self.step < self.total_steps:
+        start_step = plan.step
+        while not plan.done:
             verdict = self._boundary()
             if verdict is not None:
                 return self._finish(verdict)
@@ -259,32 +291,20 @@ class Trainer:
                 continue  # non-finite: the run was paused, nothing was updated
             # The loss read inside the step synchronised the device, so this is the step's true time.
             step_time = time.perf_counter() - began
-            self.step_time_ema = (
-                step_time if self.step == self.start_step + 1 else 0.9 * self.step_time_ema + 0.1 * step_time
-            )
-            if self.step % t.logging_steps == 0 or self.step == self.total_steps:
+            first = plan.step == start_step + 1
+            self.step_time_ema = step_time if first else 0.9 * self.step_time_ema + 0.1 * step_time
+            if plan.step % t.logging_steps == 0 or plan.done:
                 self._emit_step(loss, grad_norm, tokens, step_time)
-            if t.eval_steps and self.step % t.eval_steps == 0 and self.eval_examples:
+            if t.eval_steps and plan.step % t.eval_steps == 0 and len(self.eval_examples):
                 self.evaluate()
-            if t.save_steps and self.step % t.save_steps == 0 and self.step < self.total_steps:
+            if t.save_steps and plan.step % t.save_steps == 0 and not plan.done:
                 self.save_checkpoint()
         # Commands that arrived during the last step still get their answer.
         return self._finish(self._boundary() or "completed")
 
-    def _next_micro_batches(self) -> list[list[dict]]:
-        """The examples of each micro-batch of the next optimizer step."""
-        b = self.cfg.train.per_device_train_batch_size
-        n = min(self.ga, self.pos.total_micro - self.pos.micro) or self.ga
-        out = []
-        for _ in range(n):
-            epoch, i = divmod(self.pos.micro, self.per_epoch)
-            order = self._order(epoch)
-            out.append([self.train_examples[j] for j in order[i * b : (i + 1) * b]])
-            self.pos.micro += 1
-        return out
-
     def _order(self, epoch: int) -> list[int]:
-        if getattr(self, "_order_epoch", None) != epoch:
+        """Epoch ``epoch``'s shuffled order of the training examples."""
+        if self._order_epoch != epoch:
             g = torch.Generator().manual_seed(self.cfg.train.seed + epoch)
             self._order_cache = torch.randperm(len(self.train_examples), generator=g).tolist()
             self._order_epoch = epoch
@@ -298,13 +318,21 @@ class Trainer:
             }
         return batch
 
+    def _next_batches(self) -> list[dict[str, Any]]:
+        """The collated micro-batches of the next optimizer step (the plan moves past them)."""
+        assert self.plan is not None
+        pad, packed = self.tokenizer.pad_token_id, self.cfg.data.packing
+        out = []
+        for s in self.plan.next_step():
+            order = self._order(s.epoch)
+            examples = [self.train_examples[order[i]] for i in range(s.start, s.stop)]
+            out.append(packing.prepare_batch(data.collate(examples, pad, packing=packed), bool(self.varlen)))
+        return out
+
     def _optimizer_step(self) -> tuple[float | None, float | None, int]:
+        assert self.plan is not None
         t = self.cfg.train
-        pad = self.tokenizer.pad_token_id
-        batches = [
-            packing.prepare_batch(data.collate(mb, pad, packing=self.cfg.data.packing), self.varlen)
-            for mb in self._next_micro_batches()
-        ]
+        batches = self._next_batches()
         # Counted on the host before the copy, so normalising costs no device sync.
         n_targets = max(1, sum(data.count_targets(b) for b in batches))
         tokens = sum(
@@ -339,25 +367,26 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.last_lr = lr
         self.schedule.advance()
-        self.step += 1
+        self.plan.finish_step()
         return loss, norm, tokens
 
     def _emit_step(self, loss: float, grad_norm: float | None, tokens: int, step_time: float) -> None:
-        elapsed = self.elapsed_before + time.perf_counter() - self.t0
+        assert self.plan is not None
+        plan = self.plan
         self.emit(
             StepEvent(
-                step=self.step,
-                epoch=self.pos.micro / self.per_epoch,
+                step=plan.step,
+                epoch=plan.epoch,
                 loss=loss,
                 learning_rate=self.last_lr,
                 grad_norm=grad_norm,
-                gradient_accumulation_steps=self.ga,
+                gradient_accumulation_steps=plan.accumulation,
                 tokens=tokens,
                 tokens_per_s=tokens / step_time if step_time > 0 else 0.0,
                 step_time_s=step_time,
-                elapsed_s=elapsed,
-                eta_s=self.step_time_ema * (self.total_steps - self.step),
-                total_steps=self.total_steps,
+                elapsed_s=self.elapsed_before + time.perf_counter() - self.t0,
+                eta_s=self.step_time_ema * (plan.total_steps - plan.step),
+                total_steps=plan.total_steps,
                 **step_memory(self.device),
             )
         )
@@ -367,6 +396,8 @@ class Trainer:
     def _boundary(self) -> str | None:
         """Apply queued commands; block while paused. Returns 'stopped'/'cancelled' to end the loop."""
         while True:
+            if self.cancel.is_set():
+                return "cancelled"
             try:
                 cmd = self.commands.get(block=self.state == "paused", timeout=0.1)
             except queue.Empty:
@@ -379,42 +410,39 @@ class Trainer:
 
     def _apply(self, cmd: Command) -> str | None:
         try:
-            if isinstance(cmd, Stop):
-                return "stopped"
-            if isinstance(cmd, Cancel):
-                return "cancelled"
-            if isinstance(cmd, Pause):
-                self._require(self.state == "running", "pause: the run is already paused", "send resume")
-                self._set_state("paused")
-            elif isinstance(cmd, Resume):
-                self._require(self.state == "paused", "resume: the run is not paused", "send pause first")
-                self._set_state("running")
-            elif isinstance(cmd, Set):
-                self.apply_set(cmd.values)
-            elif isinstance(cmd, Save):
-                self.save_checkpoint()
-            elif isinstance(cmd, Eval):
-                self._require(
-                    bool(self.eval_examples),
-                    "eval: this run has no eval split",
-                    "set data.eval_fraction above 0 for the next run",
-                )
-                self.evaluate()
-            elif isinstance(cmd, Sample):
-                self.sample(cmd.prompt, cmd.max_new_tokens)
-            else:
-                raise ConfigError(f"unknown command {cmd!r}", "see DESIGN.md for commands")
+            match cmd:
+                case Stop():
+                    return "stopped"
+                case Cancel():
+                    return "cancelled"
+                case Pause():
+                    _require(self.state == "running", "pause: the run is already paused", "send resume")
+                    self._set_state("paused")
+                case Resume():
+                    _require(self.state == "paused", "resume: the run is not paused", "send pause first")
+                    self._set_state("running")
+                case Set(values=values):
+                    self.apply_set(values)
+                case Save():
+                    self.save_checkpoint()
+                case Eval():
+                    _require(
+                        bool(len(self.eval_examples)),
+                        "eval: this run has no eval split",
+                        "set data.eval_fraction above 0 for the next run",
+                    )
+                    self.evaluate()
+                case Sample():
+                    self.sample(cmd.prompt, cmd.options())
+                case _:
+                    raise ConfigError(f"unknown command {cmd!r}", "see DESIGN.md for commands")
         except TunedeckError as e:
             self.emit(ErrorEvent(message=e.message, kind=e.kind, advice=e.advice))
         return None
 
-    @staticmethod
-    def _require(ok: bool, message: str, advice: str) -> None:
-        if not ok:
-            raise ConfigError(message, advice)
-
     def apply_set(self, values: dict[str, Any], source: str = "user") -> None:
         """Validate all values first, then apply all: a refused set changes nothing."""
+        assert self.plan is not None
         t = self.cfg.train
         checked: dict[str, Any] = {}
         for key, raw in values.items():
@@ -434,25 +462,10 @@ class Trainer:
         if "lr_scheduler_type" in changes:
             self.schedule.switch(checked["lr_scheduler_type"], t.lr_scheduler_kwargs)
         if "gradient_accumulation_steps" in changes:
-            auto = self._regroup(checked["gradient_accumulation_steps"])
+            auto = self.plan.set_accumulation(checked["gradient_accumulation_steps"])
+            self.schedule.respread(self.plan.total_steps - self.plan.step)
         if "optim" in changes:
-            self.optimizer, carried = optim.swap(
-                self.optimizer,
-                optim.actual_name(self.optim_name, self.device),
-                optim.actual_name(checked["optim"], self.device),
-                t,
-                checked.get("weight_decay", t.weight_decay),
-            )
-            self.optim_name = checked["optim"]
-            if not carried and self.step:
-                self.emit(
-                    WarningEvent(
-                        message=f"{changes['optim'][0]} -> {checked['optim']}: optimizer state "
-                        "starts fresh (moments carry over only between fp32 Adam variants)",
-                        kind="config",
-                        advice="",
-                    )
-                )
+            self._swap_optimizer(t.optim, checked["optim"], checked.get("weight_decay", t.weight_decay))
         if "weight_decay" in changes:
             optim.set_weight_decay(self.optimizer, checked["weight_decay"])
         for k, v in checked.items():
@@ -461,15 +474,20 @@ class Trainer:
         if auto:
             self._record(auto, "auto")
 
-    def _regroup(self, new_ga: int) -> dict[str, list[Any]]:
-        """Recount the remaining optimizer steps from the remaining micro-batches."""
-        remaining_micro = self.pos.total_micro - self.pos.micro
-        remaining_steps = max(1, math.ceil(remaining_micro / new_ga))
-        old_total = self.total_steps
-        self.ga = new_ga
-        self.total_steps = self.step + remaining_steps
-        self.schedule.respread(remaining_steps)
-        return {"total_steps": [old_total, self.total_steps]} if old_total != self.total_steps else {}
+    def _swap_optimizer(self, old: str, new: str, weight_decay: float) -> None:
+        actual = optim.actual_name
+        self.optimizer, carried = optim.swap(
+            self.optimizer, actual(old, self.device), actual(new, self.device), self.cfg.train, weight_decay
+        )
+        if not carried and self.step:
+            self.emit(
+                WarningEvent(
+                    message=f"{old} -> {new}: optimizer state starts fresh "
+                    "(moments carry over only between fp32 Adam variants)",
+                    kind="config",
+                    advice="",
+                )
+            )
 
     def _record(self, changes: dict[str, list[Any]], source: str) -> None:
         self.change_log.append({"step": self.step, "changes": changes, "source": source})
@@ -483,11 +501,17 @@ class Trainer:
         self.model.eval()
         bs = self.cfg.train.per_device_eval_batch_size
         pad = self.tokenizer.pad_token_id
+        n = len(self.eval_examples)
         batches = [
             packing.prepare_batch(
-                data.collate(self.eval_examples[i : i + bs], pad, packing=self.cfg.data.packing), self.varlen
+                data.collate(
+                    [self.eval_examples[j] for j in range(i, min(i + bs, n))],
+                    pad,
+                    packing=self.cfg.data.packing,
+                ),
+                bool(self.varlen),
             )
-            for i in range(0, len(self.eval_examples), bs)
+            for i in range(0, n, bs)
         ]
         n_targets = max(1, sum(data.count_targets(b) for b in batches))
         total = torch.zeros((), device=self.device)
@@ -499,44 +523,39 @@ class Trainer:
         self.emit(EvalEvent(step=self.step, eval_loss=loss, perplexity=math.exp(min(loss, 50.0))))
         return loss
 
-    @torch.no_grad()
-    def sample(self, prompt: str, max_new_tokens: int) -> str:
-        prompt_ids = data.prompt_ids(self.tokenizer, self.data_format, prompt)
-        if not prompt_ids:
-            raise ConfigError("the sample prompt is empty", "type a prompt to continue")
-        was_training = self.model.training
-        self.model.eval()
-        ids = torch.tensor([prompt_ids], device=self.device)
-        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        # Generation must not draw from the training RNG, or a sample would change the run.
-        with (
-            torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
-            self._compute(),
-        ):
-            out = self.model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        text = self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        self.model.train(was_training)
+    def sample(self, prompt: str, options: sampling.SamplingOptions) -> str:
+        text = sampling.generate(
+            self.model,
+            self.tokenizer,
+            self.data_format,
+            prompt,
+            options,
+            compute=self._compute,
+            should_stop=self.cancel.is_set,
+        )
         self.emit(SampleEvent(step=self.step, prompt=prompt, text=text))
         return text
 
+    def sampler(self) -> sampling.Sampler | None:
+        """The model as it is now, for generation after the run (None when it never loaded)."""
+        if not hasattr(self, "model"):
+            return None
+        return sampling.Sampler(self.model, self.tokenizer, self.data_format, compute=self._compute)
+
     def trainer_state(self) -> dict[str, Any]:
+        assert self.plan is not None
+        t0 = getattr(self, "t0", time.perf_counter())
         return {
             "step": self.step,
-            "total_steps": self.total_steps,
-            "micro": self.pos.micro,
-            "total_micro": self.pos.total_micro,
-            "gradient_accumulation_steps": self.ga,
-            "optim": self.optim_name,
+            "total_steps": self.plan.total_steps,
+            "plan": self.plan.state_dict(),
+            "gradient_accumulation_steps": self.plan.accumulation,
+            "optim": self.cfg.train.optim,
             "schedule": self.schedule.state_dict(),
             "change_log": self.change_log,
-            "elapsed_s": self.elapsed_before + time.perf_counter() - getattr(self, "t0", time.perf_counter()),
+            "elapsed_s": self.elapsed_before + time.perf_counter() - t0,
             "run_id": self.run_dir.name if self.run_dir else None,
+            "data_format": self.data_format,
         }
 
     def save_checkpoint(self, folder: Path | None = None, with_optimizer: bool = True) -> Path | None:
@@ -567,21 +586,8 @@ class Trainer:
         self.emit(CheckpointEvent(step=self.step, path=str(path)))
         return path
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        assert self.resume_from is not None
-        checkpoint.load_weights(self.model, self.resume_from)
-        checkpoint.load_optimizer(self.optimizer, self.resume_from)
-        self.schedule.load_state_dict(state["schedule"])
-        self.step = int(state["step"])
-        self.total_steps = int(state["total_steps"])
-        self.pos = Position(micro=int(state["micro"]), total_micro=int(state["total_micro"]))
-        self.ga = int(state["gradient_accumulation_steps"])
-        self.change_log = list(state.get("change_log", []))
-        self.elapsed_before = float(state.get("elapsed_s", 0.0))
-        self.last_lr = self.schedule.last_lr()
-        checkpoint.load_rng(self.resume_from)
-
     def _finish(self, verdict: str) -> str:
+        assert self.run_dir is not None
         if verdict == "cancelled":
             return "cancelled"
         self._set_state("stopping")
@@ -598,10 +604,15 @@ class Trainer:
         self.emit(StateEvent(state=state))
 
     def _release_memory(self) -> None:
-        with contextlib.suppress(Exception):
+        if hasattr(self, "optimizer"):
             self.optimizer.zero_grad(set_to_none=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _require(ok: bool, message: str, advice: str) -> None:
+    if not ok:
+        raise ConfigError(message, advice)
 
 
 def _leave_a_core_free() -> None:

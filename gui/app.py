@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtCore import QTimer
     from PySide6.QtGui import QIcon
     from PySide6.QtWidgets import QApplication
+
     from tunedeck.gui.main_window import MainWindow
     from tunedeck.gui.widgets import theme
 

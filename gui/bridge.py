@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QObject, QTimer, Signal
+
 from tunedeck.engine.errors import TunedeckError
 from tunedeck.engine.protocol import (
     CheckpointEvent,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tunedeck.engine.protocol import (
     ChangeEvent,
     CheckpointEvent,
@@ -599,11 +600,18 @@ def describe_progress(stage: str, done: int, total: int | None, unit: str) -> st
     """What a preparation is doing, for the status badge and the log: "loading model…",
     "tokenizing 12,000 / 214,000 rows"."""
     what = "loading model" if stage == "model" else stage or "preparing"
-    if total:
+    if total and (total > 1 or unit):  # "model 0 / 1" says no more than "loading model…"
         return f"{what} {done:,} / {total:,}" + (f" {unit}" if unit else "")
     if done:
         return f"{what} {done:,}" + (f" {unit}" if unit else "") + "…"
     return f"{what}…"
+
+
+def describe_done(stage: str, total: int | None, unit: str) -> str:
+    """What a finished preparation did: "model loaded", "tokenizing done: 214,000 rows"."""
+    if stage == "model":
+        return "model loaded"
+    return f"{stage or 'preparing'} done" + (f": {total:,} {unit}" if total and unit else "")
 
 
 def fmt_mb(mb: float | None) -> str:

@@ -28,6 +28,7 @@ from tunedeck.engine import builtin
 
 def _app():
     from PySide6.QtWidgets import QApplication
+
     from tunedeck.gui.widgets import theme
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
@@ -37,6 +38,7 @@ def _app():
 
 def _fake_history(n: int):
     import numpy as np
+
     from tunedeck.gui.history import RunHistory
 
     h = RunHistory(run_id="perf")
@@ -60,6 +62,7 @@ def _fake_history(n: int):
 def bench_plots(points: int, rounds: int = 30, shot: str | None = None) -> dict[str, float]:
     import numpy as np
     from PySide6.QtWidgets import QApplication
+
     from tunedeck.gui.widgets.plots import PlotPanel
 
     app = _app()
@@ -136,6 +139,7 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
 
     _app()
     from PySide6.QtCore import QEventLoop, QSettings
+
     from tunedeck.gui.main_window import MainWindow
 
     preset = str(builtin.RESOURCES / "presets" / "demo.yaml")

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+
 from tunedeck.engine import builtin
 from tunedeck.gui.history import RunHistory
 

@@ -6,6 +6,7 @@ import html
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QToolButton, QWidget
+
 from tunedeck.gui.widgets.theme import ERROR_BG, ERROR_FG, WARN_BG
 
 

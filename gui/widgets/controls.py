@@ -5,6 +5,7 @@ from __future__ import annotations
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QLabel, QProgressBar, QStyle, QToolBar, QWidget
+
 from tunedeck.engine.protocol import StepEvent
 from tunedeck.gui.history import fmt_duration
 

@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
 from tunedeck.engine import config as cfgmod
 from tunedeck.engine import paths
 from tunedeck.engine.builtin import DEMO

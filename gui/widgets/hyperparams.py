@@ -31,6 +31,7 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
 from tunedeck.engine import config as cfgmod
 from tunedeck.engine.config import LIVE_KEYS, SECTIONS, Config
 from tunedeck.engine.errors import ConfigError

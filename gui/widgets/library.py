@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
 from tunedeck.gui import run_library
 from tunedeck.gui.history import fmt_duration, fmt_number
 from tunedeck.gui.run_library import RunSummary

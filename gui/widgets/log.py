@@ -8,6 +8,7 @@ import time
 
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QPlainTextEdit, QPushButton, QVBoxLayout, QWidget
+
 from tunedeck.engine.protocol import (
     ChangeEvent,
     CheckpointEvent,
@@ -21,7 +22,7 @@ from tunedeck.engine.protocol import (
     StateEvent,
     WarningEvent,
 )
-from tunedeck.gui.history import Change, describe_progress, fmt_number
+from tunedeck.gui.history import Change, describe_done, describe_progress, fmt_number
 
 LEVEL_COLORS = {
     "info": "#aeb4bd",
@@ -100,7 +101,7 @@ class LogPanel(QWidget):
                 if first:
                     self.add("info", describe_progress(stage, done, total, unit), when=t)
                 elif total and done >= total:
-                    self.add("muted", f"{describe_progress(stage, done, total, unit)}: done", when=t)
+                    self.add("muted", describe_done(stage, total, unit), when=t)
             case EvalEvent(step=step, eval_loss=loss, perplexity=ppl):
                 self.add(
                     "info",

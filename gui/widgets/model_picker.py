@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+
 from tunedeck.engine import config as cfgmod
 from tunedeck.engine import paths
 from tunedeck.engine.builtin import TINY

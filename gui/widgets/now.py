@@ -6,6 +6,7 @@ import math
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QSizePolicy, QWidget
+
 from tunedeck.gui.history import RunHistory, fmt_duration, fmt_mb, fmt_number
 from tunedeck.gui.widgets.theme import COLORS, MUTED
 

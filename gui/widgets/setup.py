@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
 from tunedeck.engine import builtin
 from tunedeck.engine import config as cfgmod
 from tunedeck.engine.config import Config

@@ -18,6 +18,7 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
 from tunedeck.gui.history import fmt_duration, fmt_mb, fmt_number
 from tunedeck.gui.run_library import RunSummary, peft_snippet
 

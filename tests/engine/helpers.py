@@ -6,6 +6,7 @@ import queue
 from pathlib import Path
 from typing import Any
 
+from tunedeck.engine import checkpoint
 from tunedeck.engine import config as config_mod
 from tunedeck.engine.protocol import Command, Event, StepEvent
 from tunedeck.engine.trainer import Trainer
@@ -44,7 +45,11 @@ def run(
 
     for c in at.get(0, []):
         commands.put(c)
-    trainer = Trainer(cfg, emit, commands, resume_from=resume_from)
+    resume = checkpoint.open_resume(resume_from) if resume_from is not None else None
+    if cfg is None:
+        assert resume is not None, "run() needs a config or a checkpoint"
+        cfg = resume.cfg
+    trainer = Trainer(cfg, emit, commands, resume=resume)
     events.append(trainer.run())
     return events, trainer
 

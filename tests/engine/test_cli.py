@@ -1,125 +1,120 @@
-"""tunedeck-train end to end, as a user runs it."""
+"""tunedeck-train end to end, called in-process (its own process is tested where that is the point:
+the installed command in test_packaging, signals in the fault tests)."""
+
+from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import signal
+import threading
+import time
 
-CLI = [sys.executable, "-m", "tunedeck.engine.cli"]
+import pytest
+
+from tunedeck.engine import cli
 
 
-def run_cli(*args, timeout=180):
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_demo_run_completes_and_writes_the_run_folder(tmp_path):
-    out = run_cli("--output-dir", str(tmp_path), "--set", "train.max_steps=5", "--set", "train.run_name=r")
-    assert out.returncode == 0, out.stderr
-    assert "step 5/5 loss" in out.stdout
-    assert out.stdout.splitlines()[1] == "sdpa attention, adamw_torch optimizer"  # after the run line
-    assert "completed at step 5" in out.stdout
+def test_demo_run_completes_and_writes_the_run_folder(tmp_path, capsys):
+    before = signal.getsignal(signal.SIGINT)
+    code, out, err = run_cli(
+        capsys, "--output-dir", str(tmp_path), "--set", "train.max_steps=5", "--set", "train.run_name=r"
+    )
+    assert code == 0, err
+    assert signal.getsignal(signal.SIGINT) is before  # the CLI gives the handler back
+    lines = out.splitlines()
+    run_line = next(i for i, x in enumerate(lines) if x.startswith("run r:"))
+    assert lines[run_line + 1] == "sdpa attention, adamw_torch optimizer"
+    assert "step 5/5 loss" in out and "completed at step 5" in out
     run = tmp_path / "r"
     assert (run / "final" / "adapter_model.safetensors").is_file()
     events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3, 4, 5]
 
 
-def test_bad_config_exits_2_with_one_line(tmp_path):
-    out = run_cli("--output-dir", str(tmp_path), "--set", "train.learning_rate=-1")
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [
+def test_bad_config_exits_2_with_one_line(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--output-dir", str(tmp_path), "--set", "train.learning_rate=-1")
+    assert code == 2
+    assert err.strip().splitlines() == [
         "tunedeck-train: error: train.learning_rate=-1.0 is out of range "
         "(train.learning_rate must be > 0 and < 1 (typical LoRA: 1e-4 to 3e-4))"
     ]
-    missing = run_cli(str(tmp_path / "none.yaml"))
+    code, _, err = run_cli(capsys, str(tmp_path / "none.yaml"))
     assert (
-        missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+        code == 2
+        and err.strip()
+        == f"tunedeck-train: error: config file {tmp_path / 'none.yaml'} does not exist (check the path)"
     )
-    cuda = run_cli("--set", "train.optim=adamw_8bit")
-    assert cuda.returncode == 2 and "needs a CUDA GPU" in cuda.stderr
 
 
-def test_missing_dataset_exits_1_without_traceback(tmp_path):
-    out = run_cli("--output-dir", str(tmp_path), "--set", f"data.path={tmp_path}/gone.jsonl")
-    assert out.returncode == 1
-    assert (
-        "error: " in out.stdout and "gone.jsonl" in out.stdout and "Traceback" not in out.stdout + out.stderr
+def test_missing_dataset_exits_with_one_line_and_no_run_folder(tmp_path, capsys):
+    code, out, err = run_cli(
+        capsys, "--output-dir", str(tmp_path), "--set", f"data.path={tmp_path}/gone.jsonl"
     )
+    assert code in (1, 2)
+    assert f"error: dataset file {tmp_path}/gone.jsonl does not exist" in out
+    assert "Traceback" not in out + err
     assert not any(tmp_path.iterdir())
 
 
-def test_control_file_changes_the_learning_rate_live(tmp_path):
+def test_control_file_changes_the_learning_rate_live(tmp_path, capsys):
     control = tmp_path / "control.jsonl"
-    proc = subprocess.Popen(
-        [
-            *CLI,
-            "--output-dir",
-            str(tmp_path),
-            "--set",
-            "train.max_steps=300",
-            "--set",
-            "train.run_name=r",
-            "--set",
-            "train.lr_scheduler_type=constant",
-            "--set",
-            "train.warmup_ratio=0",
-            "--control",
-            str(control),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("step 3/"):
-                with open(control, "a") as f:
-                    f.write("not json\n")
-                    f.write(json.dumps({"cmd": "set", "learning_rate": 5e-4}) + "\n")
-            if line.startswith("change after step"):
-                with open(control, "a") as f:
-                    f.write(json.dumps({"cmd": "stop"}) + "\n")
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = "".join(lines)
-    assert proc.returncode == 0, proc.stderr.read()
-    assert "control: ignored a line that is not JSON" in text
-    change = [x for x in lines if x.startswith("change after step")][0]
-    assert change.strip().endswith("(user): learning_rate 0.003 -> 0.0005")
-    n = int(change.split()[3])
-    after = [x for x in lines if x.startswith(f"step {n + 1}/")][0]
-    assert "lr 5.000e-04" in after
-    before = [x for x in lines if x.startswith(f"step {n}/")][0]
-    assert "lr 3.000e-03" in before
-    assert "stopped at step" in text
-    assert (tmp_path / "r" / "checkpoints").is_dir()
+    args = ["--output-dir", str(tmp_path), "--set", "train.max_steps=300", "--set", "train.run_name=r"]
+    args += [
+        "--set",
+        "train.lr_scheduler_type=constant",
+        "--set",
+        "train.warmup_ratio=0",
+        "--control",
+        str(control),
+    ]
+    result: dict[str, int] = {}
+    thread = threading.Thread(target=lambda: result.update(code=cli.main(args)))
+    thread.start()
+    metrics = tmp_path / "r" / "metrics.jsonl"
+
+    def events() -> list[dict]:
+        return [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+
+    deadline = time.monotonic() + 120
+    while not any(e["type"] == "step" and e["step"] >= 3 for e in events()):
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    with open(control, "a") as f:
+        f.write("not json\n")
+        f.write(json.dumps({"cmd": "set", "learning_rate": 5e-4}) + "\n")
+    while not any(e["type"] == "change" for e in events()):
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    with open(control, "a") as f:
+        f.write(json.dumps({"cmd": "stop"}) + "\n")
+    thread.join(120)
+    out = capsys.readouterr().out
+    assert result["code"] == 0
+    assert "control: ignored a line that is not JSON" in out
+    change = next(e for e in events() if e["type"] == "change")
+    assert change["changes"] == {"learning_rate": [0.003, 0.0005]} and change["source"] == "user"
+    lrs = {e["step"]: e["learning_rate"] for e in events() if e["type"] == "step"}
+    n = change["step"]
+    assert lrs[n] == pytest.approx(3e-3) and lrs[n + 1] == pytest.approx(5e-4)
+    assert "stopped at step" in out and (tmp_path / "r" / "checkpoints").is_dir()
 
 
-def test_resume_from_the_cli(tmp_path):
-    first = run_cli(
-        "--output-dir",
-        str(tmp_path),
-        "--set",
-        "train.max_steps=6",
-        "--set",
-        "train.save_steps=3",
-        "--set",
-        "train.run_name=r",
-    )
-    assert first.returncode == 0, first.stderr
-    again = run_cli("--resume", str(tmp_path / "r" / "checkpoints" / "step-000003"))
-    assert again.returncode == 0, again.stderr
-    a = {
-        int(x.split()[1].split("/")[0]): x.split()[3]
-        for x in first.stdout.splitlines()
-        if x.startswith("step ")
-    }
-    b = {
-        int(x.split()[1].split("/")[0]): x.split()[3]
-        for x in again.stdout.splitlines()
-        if x.startswith("step ")
-    }
+def test_resume_from_the_cli(tmp_path, capsys):
+    args = ["--output-dir", str(tmp_path), "--set", "train.max_steps=6", "--set", "train.save_steps=3"]
+    code, first, err = run_cli(capsys, *args, "--set", "train.run_name=r")
+    assert code == 0, err
+    code, again, err = run_cli(capsys, "--resume", str(tmp_path / "r" / "checkpoints" / "step-000003"))
+    assert code == 0, err
+
+    def losses(text: str) -> dict[int, str]:
+        return {
+            int(x.split()[1].split("/")[0]): x.split()[3] for x in text.splitlines() if x.startswith("step ")
+        }
+
+    a, b = losses(first), losses(again)
     assert sorted(b) == [4, 5, 6] and all(a[s] == b[s] for s in b)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tunedeck.engine import builtin
 from tunedeck.engine.config import DataConfig
 from tunedeck.engine.data import (

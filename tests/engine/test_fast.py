@@ -10,12 +10,12 @@ import warnings
 
 import pytest
 import torch
+
+from tests.engine.helpers import make_cfg, of, run, steps
 from tunedeck.engine import attention, builtin, optim, packing, precision
 from tunedeck.engine.data import IGNORE_INDEX, collate
 from tunedeck.engine.protocol import StepEvent, SystemEvent
 from tunedeck.engine.session import TrainingSession
-
-from tests.engine.helpers import make_cfg, of, run, steps
 
 # ---------------------------------------------------------------- cumulative lengths
 

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+
+from tests.engine.helpers import make_cfg, of, run
 from tunedeck.engine import config as config_mod
 from tunedeck.engine.errors import ConfigError
 from tunedeck.engine.session import TrainingSession
-
-from tests.engine.helpers import make_cfg, of, run
 
 
 def failure(events):

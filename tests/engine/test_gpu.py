@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.engine.helpers import make_cfg, of, run, steps
 from tunedeck.engine import attention, builtin, optim, packing, precision
 from tunedeck.engine.protocol import Set, StepEvent, SystemEvent
 from tunedeck.engine.session import TrainingSession
-
-from tests.engine.helpers import make_cfg, of, run, steps
 
 pytestmark = pytest.mark.gpu
 
@@ -153,6 +153,7 @@ def test_liger_rope_kernel_equals_transformers_rope(llama_dir):
     import sys
 
     from transformers import AutoModelForCausalLM
+
     from tunedeck.engine import liger
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).cuda()
@@ -283,6 +284,7 @@ def test_nvml_readings_in_system_events(tmp_path):
     assert e.gpu_mem_total_mb and e.gpu_mem_total_mb > 1000
     assert e.gpu_mem_used_mb and e.gpu_mem_used_mb > 0
     assert e.gpu_util is not None and e.gpu_temp_c is not None
+    assert e.gpu_power_w is not None and 10 < e.gpu_power_w < 2000  # watts, not milliwatts
 
 
 # Last: compiling takes the longest, and bench/gpu_check.sh caps the whole file's time.

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from tunedeck.engine.protocol import Cancel, Eval, Pause, Resume, Sample, Save, Set, Stop
-from tunedeck.engine.schedule import LRSchedule
 
 from tests.engine.helpers import make_cfg, of, run, steps
+from tunedeck.engine.protocol import Cancel, Eval, Pause, Resume, Sample, SamplingOptions, Save, Set, Stop
+from tunedeck.engine.schedule import LRSchedule
 
 
 def lrs_of(events):
@@ -49,7 +49,7 @@ def test_accumulation_change_recounts_steps_and_keeps_progress(tmp_path):
     st = steps(events)
     assert sorted(st) == list(range(1, 9))
     assert [st[s].gradient_accumulation_steps for s in range(1, 9)] == [1] * 4 + [2] * 4
-    assert st[8].total_steps == 8 and t.pos.micro == 12
+    assert st[8].total_steps == 8 and t.plan.micro_batches_left() == 0 and t.plan.seen == 12 * 4
     auto = [c for c in of(events, "change") if c.source == "auto"]
     assert auto[0].changes == {"total_steps": [12, 8]}
     # Linear decay over 12 virtual steps; after step 4 the stride is 2: positions 4, 6, 8, 10.
@@ -147,9 +147,13 @@ def test_sampling_does_not_change_the_run(tmp_path):
     plain, _ = run(make_cfg(tmp_path / "a", train__max_steps=5, lora__dropout=0.1))
     sampled, _ = run(
         make_cfg(tmp_path / "b", train__max_steps=5, lora__dropout=0.1),
-        at={2: [Sample(prompt="0+1=", max_new_tokens=4)]},
+        at={
+            2: [Sample(prompt="0+1=", max_new_tokens=4)],
+            3: [Sample(prompt="0+1=", max_new_tokens=6, temperature=1.2, top_p=0.9, top_k=20)],
+        },
     )
     assert [e.loss for e in of(plain, "step")] == [e.loss for e in of(sampled, "step")]
+    assert len(of(sampled, "sample")) == 2
 
 
 def test_stop_saves_and_ends(tmp_path):
@@ -226,7 +230,7 @@ def test_a_sample_prompt_is_laid_out_as_the_training_data(tmp_path):
         return generate(**kw)
 
     t.model.generate = spy
-    text = t.sample("Upper: cow", max_new_tokens=3)
+    text = t.sample("Upper: cow", SamplingOptions(max_new_tokens=3))
     assert seen == [data.prompt_ids(t.tokenizer, "messages", "Upper: cow")]
     assert t.tokenizer.decode(seen[0]) == "<|user|>\nUpper: cow\n<|assistant|>\n"
     assert of(events, "sample")[-1].text == text and of(events, "sample")[-1].prompt == "Upper: cow"

@@ -80,7 +80,17 @@ def test_the_wheel_holds_only_the_tunedeck_package_and_every_resource(wheel):
             assert f"tunedeck/resources/{f.relative_to(ROOT / 'resources').as_posix()}" in names, f
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: Apache-2.0" in meta
-    for dep in ("torch", "transformers", "peft", "bitsandbytes", "datasets", "tqdm", "PySide6-Essentials"):
+    for dep in (
+        "torch",
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "datasets",
+        "pyarrow",
+        "tokenizers",
+        "tqdm",
+        "PySide6-Essentials",
+    ):
         assert f"Requires-Dist: {dep}" in meta, dep
     assert "Provides-Extra: tensorboard" in meta
 

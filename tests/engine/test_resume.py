@@ -4,10 +4,10 @@ import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-from tunedeck.engine import builtin, checkpoint
-from tunedeck.engine.protocol import Set
 
 from tests.engine.helpers import make_cfg, of, run, steps
+from tunedeck.engine import builtin, checkpoint
+from tunedeck.engine.protocol import Set
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -46,7 +46,7 @@ def test_checkpoint_is_atomic_and_complete(tmp_path):
     } <= names
     assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(".tmp")]
     cfg, state = checkpoint.read_state(ckpt)
-    assert state["step"] == 2 and state["micro"] == 2 and cfg.train.max_steps == 4
+    assert state["step"] == 2 and state["plan"]["seen"] == 2 * 4 and cfg.train.max_steps == 4
 
 
 def test_failed_write_leaves_no_half_checkpoint(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 from transformers import get_scheduler
+
 from tunedeck.engine.config import SCHEDULER_NAMES
 from tunedeck.engine.schedule import LRSchedule, warmup_steps_for
 
@@ -115,3 +116,28 @@ def test_state_round_trips():
         assert t.lr() == s.lr()
         s.advance()
         t.advance()
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs", "message"),
+    [
+        (
+            "cosine",
+            {"foo": 1},
+            "train.lr_scheduler_kwargs has 'foo', which the cosine schedule does not take",
+        ),
+        (
+            "polynomial",
+            {"power": "x"},
+            "train.lr_scheduler_kwargs={'power': 'x'} does not work with polynomial: unsupported operand",
+        ),
+        ("nope", {}, "train.lr_scheduler_type='nope' is not a known schedule"),
+    ],
+)
+def test_settings_a_schedule_cannot_use_are_refused_before_the_run(kind, kwargs, message):
+    from tunedeck.engine.errors import ConfigError
+    from tunedeck.engine.schedule import check
+
+    with pytest.raises(ConfigError) as e:
+        check(kind, kwargs, total_steps=100, warmup_steps=3, base_lr=1e-4)
+    assert e.value.message.startswith(message)

@@ -96,4 +96,4 @@ def test_total_steps_from_epochs(tmp_path):
     micro = -(-train_n // 64)
     assert start.total_steps == -(-micro // 2)
     assert of(events, "step")[-1].epoch == pytest.approx(1.0)
-    assert t.pos.micro == micro
+    assert t.plan.seen == train_n and t.plan.micro_batches_left() == 0

@@ -86,6 +86,7 @@ def make_config(tmp_path):
 def make_window(qtbot, settings):
     """make_window(factory=None) -> a shown MainWindow (real engine unless a factory is given)."""
     from PySide6.QtCore import QCoreApplication, QEvent
+
     from tunedeck.gui.main_window import MainWindow
 
     windows = []

@@ -89,8 +89,9 @@ class FakeSession(TrainingSession):
         lr = t.learning_rate
         self._emit(StateEvent(state="loading"))
         if self.tokenize_rows:
-            self._emit(ProgressEvent(stage="model"))
+            self._emit(ProgressEvent(stage="model", done=0, total=1))  # as the engine says it
             time.sleep(0.3)
+            self._emit(ProgressEvent(stage="model", done=1, total=1))
             for done in range(0, self.tokenize_rows + 1, self.tokenize_rows // 4):
                 self._emit(
                     ProgressEvent(stage="tokenizing", done=done, total=self.tokenize_rows, unit="rows")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from PySide6.QtWidgets import QWidget
+
+from tests.gui.fake_session import factory
 from tunedeck.engine.config import Config
 from tunedeck.engine.errors import DataError
 from tunedeck.engine.protocol import EndEvent, ErrorEvent, StepEvent
 from tunedeck.gui.bridge import SessionBridge
-
-from tests.gui.fake_session import factory
 
 
 def run_bridge(qtbot, make):

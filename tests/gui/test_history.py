@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from tunedeck.engine.protocol import ChangeEvent, EndEvent, EvalEvent, StartEvent, StepEvent, SystemEvent
 from tunedeck.gui.history import Envelope, RunHistory, Series, Smoother, ema, fmt_duration, fmt_number
 

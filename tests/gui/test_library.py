@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from PySide6.QtGui import QColor
+
 from tunedeck.engine.protocol import (
     ChangeEvent,
     EndEvent,

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from PySide6.QtCore import QEvent
 from PySide6.QtWidgets import QApplication
+
+from tests.gui.fake_session import factory
 from tunedeck.engine.errors import TunedeckError
 from tunedeck.engine.protocol import Cancel, Stop
 from tunedeck.gui.widgets.data_picker import DataPicker
 from tunedeck.gui.widgets.model_picker import missing_folder
 from tunedeck.gui.widgets.setup import SetupPanel
-
-from tests.gui.fake_session import factory
 
 DATA_FIX = "(choose an existing file, a hub dataset owner/name, or builtin:demo)"
 MODEL_FIX = "(choose an existing folder, a hub id like owner/name, or builtin:tiny)"

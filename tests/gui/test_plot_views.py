@@ -11,6 +11,7 @@ import pytest
 from PySide6.QtCore import QPoint, QPointF, Qt
 from PySide6.QtGui import QImage, QMouseEvent, QPainter, QWheelEvent
 from PySide6.QtWidgets import QApplication
+
 from tunedeck.engine.protocol import ChangeEvent, EvalEvent, StartEvent, StepEvent, SystemEvent
 from tunedeck.gui.history import RunHistory
 from tunedeck.gui.widgets.plots import PlotPanel, linear_ticks, log_ticks

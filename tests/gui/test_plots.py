@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pyqtgraph as pg
+
 from tunedeck.engine.protocol import ChangeEvent, EvalEvent, StepEvent, SystemEvent
 from tunedeck.gui.history import RunHistory
 from tunedeck.gui.widgets.plots import PlotPanel, nice_ceil

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QApplication, QScrollArea
+
+from tests.gui.fake_session import factory
 from tunedeck.engine import builtin
 from tunedeck.engine import config as cfgmod
 from tunedeck.engine.protocol import Set
-
-from tests.gui.fake_session import factory
 
 ORANGE = (0xD9, 0xA3, 0x2B)  # the "changed" border (theme)
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tunedeck.gui import system_libs
 
 NEEDS_CC = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler to build a fake plugin")

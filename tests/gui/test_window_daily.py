@@ -11,11 +11,11 @@ import pytest
 from PySide6.QtCore import QRect, Qt
 from PySide6.QtGui import QImage, QPainter
 from PySide6.QtWidgets import QApplication
+
+from tests.gui.fake_session import factory
 from tunedeck.engine.protocol import Eval
 from tunedeck.gui.history import fmt_number
 from tunedeck.gui.main_window import MainWindow, default_runs_folder
-
-from tests.gui.fake_session import factory
 
 
 def wait_running(win, qtbot, steps: int = 3) -> None:
@@ -83,9 +83,9 @@ def test_loading_shows_what_loads(make_window, make_config, qtbot):
     assert "loading model…" in seen
     assert "tokenizing 107,000 / 214,000 rows" in seen
     lines = [e[2] for e in win.log.entries]
-    assert lines.count("loading model…") == 1
+    assert lines.count("loading model…") == 1 and lines.count("model loaded") == 1
     assert sum(line.startswith("tokenizing") for line in lines) == 2  # when it begins and when it is done
-    assert "tokenizing 214,000 / 214,000 rows: done" in lines
+    assert "tokenizing done: 214,000 rows" in lines
     assert win.status.detail_label.text() == ""  # the run went on: nothing stale
 
 
