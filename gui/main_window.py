@@ -46,7 +46,9 @@ from tunedeck.engine.protocol import (
     Pause,
     ProgressEvent,
     Resume,
+    Sample,
     SampleEvent,
+    SamplingOptions,
     Save,
     Set,
     StartEvent,
@@ -188,6 +190,7 @@ class MainWindow(QMainWindow):
         self.setup.message.connect(self._message)
         self.library.message.connect(self._message)
         self.summary.message.connect(self._message)
+        self.samples.message.connect(self._message)
         self.library.overlay_requested.connect(self.overlay_runs)
         self.library.open_requested.connect(self.open_run)
         self.library.folder_change_requested.connect(self.choose_runs_folder)
@@ -479,6 +482,7 @@ class MainWindow(QMainWindow):
         self.status.reset(cfg.train.max_steps if cfg.train.max_steps > 0 else 0)
         self.status.set_state("loading")
         self.status.set_detail("starting…")
+        self.samples.release_model()  # the last run's model goes: two never share the memory
         self.samples.set_live(False)
         self.close_when_ended = False
         self._remember_model(cfg.model.name_or_path)
@@ -526,10 +530,17 @@ class MainWindow(QMainWindow):
         self.log.add("change", "applying " + ", ".join(f"{k}={fmt_number(v)}" for k, v in changes.items()))
         self.send(Set(values=dict(changes)))
 
-    def _sample(self, prompt: str, max_new_tokens: int) -> None:
-        from tunedeck.engine.protocol import Sample
-
-        self.send(Sample(prompt=prompt, max_new_tokens=max_new_tokens))
+    def _sample(self, prompt: str, options: SamplingOptions) -> None:
+        self.send(
+            Sample(
+                prompt=prompt,
+                max_new_tokens=options.max_new_tokens,
+                temperature=options.temperature,
+                top_p=options.top_p,
+                top_k=options.top_k,
+                seed=options.seed,
+            )
+        )
 
     # ------------------------------------------------------------------ events
 
@@ -619,9 +630,23 @@ class MainWindow(QMainWindow):
         if self.history.run_dir:
             self._show_summary(self.history)
             self.summary_dock.raise_()
+        self._keep_model(title, end.status)
         self.library.refresh()
         if self.close_when_ended:
             self.close()
+
+    def _keep_model(self, run: str, status: str) -> None:
+        """After the run, the trained model stays in memory for the sample panel (until the next run)."""
+        session = self.bridge.session
+        if status == "failed" or session is None or not hasattr(session, "sampler"):
+            return
+        try:
+            sampler = session.sampler()
+        except Exception:  # no model to keep is no reason to trouble the end of a run
+            sampler = None
+        if sampler is not None:
+            self.samples.keep_model(sampler, f"run {run}, as trained (kept in memory until the next run)")
+            self.log.add("muted", "the trained model stays loaded: chat with it in the Samples panel")
 
     def _show_summary(self, hist: RunHistory) -> None:
         self.summary.show_summary(
