@@ -10,6 +10,8 @@
         The demo run's optimizer steps per second, headless (`tunedeck-train --quiet` in a
         subprocess) and with the window open and plotting (started with the real window's Start
         button), on the same config, one after the other; both from the step events' elapsed_s.
+        Also how late each step reaches the screen: from the engine's step event (its time) to
+        the end of the first paint of the plots that shows it (median and 90th percentile).
 
 Both print a small table; run them under `xvfb-run` to include real painting, or with
 QT_QPA_PLATFORM=offscreen.
@@ -159,6 +161,7 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
     cfgmod.save(cfg, cfg_file)
     out: dict[str, float] = {"steps": steps}
     headless, windowed = [], []
+    latencies: list[float] = []
     for r in range(repeats):
         # headless: the CLI, as a user runs it
         hd = os.path.join(tmp, f"cli-{r}")
@@ -179,6 +182,7 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
         seen: list = []
         win.bridge.events.connect(seen.extend)
         redraws = win.plots.redraws
+        win.plots.glw.paint_log = paints = []
         loop = QEventLoop()
         win.bridge.ended.connect(loop.quit)
         win.controls.start_action.trigger()
@@ -186,6 +190,7 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
             loop.exec()  # Qt's own loop, idle between events, as in the app
         windowed.append(_rate(seen))
         out[f"redraws (run {r + 1})"] = win.plots.redraws - redraws
+        latencies += _latencies(seen, paints)
         win.close()
     out["headless runs"] = " ".join(f"{v:.2f}" for v in headless)
     out["window runs"] = " ".join(f"{v:.2f}" for v in windowed)
@@ -193,6 +198,25 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
     out["window steps/s"] = statistics.median(windowed)
     out["window / headless"] = out["window steps/s"] / out["headless steps/s (tunedeck-train)"]
     out["runs each (median shown)"] = repeats
+    if latencies:
+        lat = sorted(latencies)
+        out["step to screen ms (median)"] = statistics.median(lat) * 1e3
+        out["step to screen ms (90th pct)"] = lat[int(0.9 * (len(lat) - 1))] * 1e3
+    return out
+
+
+def _latencies(events, paints: list[tuple[int, float]]) -> list[float]:
+    """For each step: from the engine's event (its time) to the end of the first paint that drew it."""
+    from tunedeck.engine.protocol import StepEvent
+
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    out, j = [], 0
+    for i, e in enumerate(steps):
+        while j < len(paints) and paints[j][0] < i + 1:
+            j += 1
+        if j == len(paints):
+            break
+        out.append(paints[j][1] - e.time)
     return out
 
 

@@ -288,14 +288,21 @@ class GridLines(pg.GraphicsObject):
 
 
 class TimedLayout(pg.GraphicsLayoutWidget):
-    """A GraphicsLayoutWidget that remembers how long its last paint took (for the redraw budget)."""
+    """A GraphicsLayoutWidget that remembers how long its last paint took (for the redraw budget).
+
+    ``paint_log``, when a list, gets (steps drawn, wall time) after each paint: how late a step
+    reaches the screen (``perf_check steps`` reads it)."""
 
     last_paint_s = 0.0
+    drawn_steps = 0  # steps of the main run handed to the curves by the last refresh
+    paint_log: list[tuple[int, float]] | None = None
 
     def paintEvent(self, ev) -> None:  # noqa: N802 (Qt name)
         t = time.perf_counter()
         super().paintEvent(ev)
         self.last_paint_s = time.perf_counter() - t
+        if self.paint_log is not None:
+            self.paint_log.append((self.drawn_steps, time.time()))
 
 
 class Curve:
@@ -890,6 +897,7 @@ class PlotPanel(QWidget):
         if "gpu_util" in h.nonzero:
             self._set(self.c_util["gpu_util"], sx, h.system["gpu_util"], swin)
         self._sync_markers()
+        self.glw.drawn_steps = len(h)
         for o in self.overlays:
             self._draw_overlay(o)
         self._layout_labels()

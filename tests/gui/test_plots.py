@@ -179,3 +179,12 @@ def test_following_grows_the_x_range_in_round_steps(qtbot):
     for pl in p.plots:  # every plot shows 0..100, not its own data's extent
         lo, hi = pl.vb.viewRange()[0]
         assert lo <= 0 and 100 <= hi <= 102
+
+
+def test_step_to_screen_latency_is_counted_from_each_event_to_the_paint_that_shows_it():
+    from tunedeck.gui.perf_check import _latencies
+
+    events = [StepEvent(step=s, time=100.0 + s) for s in range(1, 5)]
+    paints = [(0, 100.5), (2, 103.25), (3, 103.5), (4, 110.0)]  # (steps drawn, when)
+    assert _latencies(events, paints) == [2.25, 1.25, 0.5, 6.0]
+    assert _latencies(events, paints[:2]) == [2.25, 1.25]  # steps never painted are left out
