@@ -12,7 +12,7 @@ import html
 from pathlib import Path
 
 from PySide6.QtCore import QPoint, Qt, QUrl, Signal
-from PySide6.QtGui import QBrush, QColor, QDesktopServices
+from PySide6.QtGui import QColor, QDesktopServices, QIcon, QPixmap
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QHBoxLayout,
@@ -35,6 +35,12 @@ from tunedeck.gui.run_library import RunSummary
 from tunedeck.gui.widgets.theme import MUTED, OVERLAY_COLORS
 
 COLUMNS = ["name", "date", "status", "steps", "final loss", "best eval", "duration", "model", "dataset"]
+
+
+def swatch(color: str) -> QIcon:
+    pix = QPixmap(12, 12)
+    pix.fill(QColor(color))
+    return QIcon(pix)
 
 
 class SortItem(QTableWidgetItem):
@@ -209,11 +215,11 @@ class RunLibrary(QWidget):
             p = self._path(r)
             if p in chosen:
                 color = OVERLAY_COLORS[chosen.index(p) % len(OVERLAY_COLORS)]
-                item.setForeground(QBrush(QColor(color)))
-                item.setText(f"━ {Path(p).name}")
+                item.setIcon(swatch(color))  # an icon keeps its colour in a selected row
+                item.setData(Qt.ItemDataRole.UserRole + 1, color)
             else:
-                item.setData(Qt.ItemDataRole.ForegroundRole, None)
-                item.setText(Path(p).name)
+                item.setIcon(QIcon())
+                item.setData(Qt.ItemDataRole.UserRole + 1, None)
 
     def _selection_changed(self) -> None:
         self._color_rows()

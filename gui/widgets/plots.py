@@ -600,6 +600,10 @@ class PlotPanel(QWidget):
             self.cursors.append(line)
         self.loss_plot.vb.sigXRangeChanged.connect(self._xrange_changed)
         self.loss_plot.vb.sigResized.connect(self._xrange_changed)
+        # Labels sit in view coordinates: when the y range moves (auto-range runs just before a
+        # paint) they are placed again, so they keep their rows under the top of the plot.
+        self.loss_plot.vb.sigRangeChanged.connect(self._range_changed)
+        self.loss_plot.vb.sigResized.connect(self._range_changed)
         for p in self.plots:
             p.vb.sigRangeChangedManually.connect(self._manual_range)
         self.glw.scene().sigMouseClicked.connect(self._clicked)
@@ -1002,6 +1006,9 @@ class PlotPanel(QWidget):
         i0 = max(0, int(np.searchsorted(x, x0)) - 1)
         i1 = min(n, int(np.searchsorted(x, x1, side="right")) + 1)
         return i0, i1, px
+
+    def _range_changed(self, *_args) -> None:
+        self._layout_labels()
 
     def _xrange_changed(self, *_args) -> None:
         # Zoomed, panned or resized: re-cut the data, and lay the marker labels out again.

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from PySide6.QtGui import QColor
+from PySide6.QtCore import Qt
 
 from tunedeck.engine.protocol import (
     ChangeEvent,
@@ -174,8 +174,8 @@ def test_the_library_lists_overlays_renames_deletes_and_reveals(make_window, run
     assert all(len(o.markers) == 1 for o in ov)
     for o in ov:
         r = lib.row_of(o.hist.run_dir)
-        assert t.item(r, 0).foreground().color() == QColor(o.color)
-        assert t.item(r, 0).text() == f"━ {o.hist.label()}"
+        assert t.item(r, 0).data(Qt.ItemDataRole.UserRole + 1) == o.color and not t.item(r, 0).icon().isNull()
+        assert t.item(r, 0).text() == o.hist.label()
     title = win.plots.loss_plot.titleLabel.text
     assert all(n in title for n in ("alpha", "beta", "gamma"))
     # rename

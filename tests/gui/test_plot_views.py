@@ -392,7 +392,8 @@ def test_plots_export_as_png_and_svg(panel, qtbot, tmp_path):
 
 
 def test_overlaid_runs_have_their_colours_names_and_markers_and_no_value_past_their_end(panel, qtbot):
-    p, h = panel(steps=100)
+    p, h = panel(steps=0)  # nothing of its own: only the runs overlaid from the library
+    decaying(h, 0)
     runs = []
     for i, n in enumerate((40, 60, 80)):
         o = RunHistory(run_id=f"run-{i}")
@@ -401,6 +402,11 @@ def test_overlaid_runs_have_their_colours_names_and_markers_and_no_value_past_th
         runs.append(o)
     p.set_overlays(runs)
     p.refresh(force=True)
+    qtbot.wait(50)  # the y range follows the new data at the next paint: the labels follow it
+    view = p.loss_plot.vb.sceneBoundingRect()
+    shown = [g for g in p.marker_items() if g.isVisible()]
+    assert len(shown) == 3 and all(view.contains(g.sceneBoundingRect()) for g in shown)
+    assert all(g.sceneBoundingRect().top() < view.top() + 100 for g in shown)  # in rows under the top
     colours = [o.color for o in p.overlays]
     assert len(set(colours)) == 3
     title = p.loss_plot.titleLabel.text
@@ -409,6 +415,7 @@ def test_overlaid_runs_have_their_colours_names_and_markers_and_no_value_past_th
         assert len(o.markers) == 1 and o.markers[0].color == o.color
         assert o.markers[0].text.startswith(o.hist.label() + ": learning_rate")
     text = p.show_readout(70)
+    assert text.startswith("run-")  # no main run: only the overlaid ones
     assert "run-0@" not in text and "run-1@" not in text and "run-2@70" in text  # past their ends: no value
     p.set_overlays([])
     assert all(m not in p.loss_plot.items for m in [g.label for o in runs for g in []])
