@@ -408,7 +408,9 @@ class Overlay:
         self.grad = Curve(panel.grad_plot, name, color, 1)
         self.tput = Curve(panel.tput_plot, name, color, 1)
         self.mem = Curve(panel.mem_plot, name, color, 1)
-        self.curves = [self.loss, self.eval, self.lr, self.grad, self.tput, self.mem]
+        self.util = Curve(panel.util_plot, name, color, 1)
+        self.curves = [self.loss, self.eval, self.lr, self.grad, self.tput, self.mem, self.util]
+        self.per_core = PerCore()
         self.markers: list[MarkerGroup] = []
         self.envelopes: dict[int, Envelope] = {}
 
@@ -960,6 +962,11 @@ class PlotPanel(QWidget):
         put(o.tput, h.series["tokens_per_s"])
         if "mem_allocated" in h.nonzero:
             put(o.mem, h.series["mem_allocated"])
+        util = "gpu_util" if "gpu_util" in h.nonzero else "cpu" if "cpu" in h.nonzero else None
+        if util is not None:
+            sx = h.x_at(h.sys_steps.view, mode)
+            series = h.system["gpu_util"] if util == "gpu_util" else o.per_core.update(h.system["cpu"])
+            put(o.util, series, sx, self._window(sx))
         if len(o.markers) != len(merge_changes(h.changes)):
             self._drop_markers(o.markers)
             o.markers = self._make_markers(h, o.color, f"{h.label()}: ")
