@@ -206,6 +206,8 @@ class MainWindow(QMainWindow):
         self._status_timer.start()
         c.set_config_ok(self.setup.problem is None, self.setup.problem or "")
 
+        self._shown_once = False
+        self._state_restored = False
         self.fit_to_screen()
         if restore:
             self._restore()
@@ -299,7 +301,6 @@ class MainWindow(QMainWindow):
         self.resize(max(w, 400), max(h, 300))
         small = available.width() < SMALL_SCREEN[0] or available.height() < SMALL_SCREEN[1]
         self.small_screen = small
-        side = 300 if small else 400
         if small:
             # A short screen: the log, samples, runs and summary share one tabbed column on the
             # right, so the plots keep the whole height (a bottom area would leave them ~80 px).
@@ -310,17 +311,34 @@ class MainWindow(QMainWindow):
             for d1, d2 in zip(docks, docks[1:], strict=False):
                 self.tabifyDockWidget(d1, d2)
             self.log_dock.raise_()
-            self.resizeDocks([self.log_dock], [330], Qt.Orientation.Horizontal)
             self.plots.set_compact(True)
             for name, act in self.plot_actions.items():
                 act.setChecked(name not in self.plots.hidden)
-        else:
-            self.resizeDocks([self.log_dock], [190], Qt.Orientation.Vertical)
-        self.resizeDocks([self.setup_dock], [side], Qt.Orientation.Horizontal)
+        self._size_docks()
         self.move(
             available.x() + (available.width() - self.width()) // 2,
             available.y() + max(0, (available.height() - self.height()) // 2),
         )
+
+    def _size_docks(self) -> None:
+        """The docks' share of the window (again once it is shown: before, Qt sizes them its own way)."""
+        w = self.width()
+        if self.small_screen:
+            self.resizeDocks([self.setup_dock, self.log_dock], [300, 330], Qt.Orientation.Horizontal)
+        else:
+            self.resizeDocks([self.setup_dock], [400], Qt.Orientation.Horizontal)
+            self.resizeDocks([self.log_dock], [190], Qt.Orientation.Vertical)
+            # the log, runs and summary want the width more than the sample panel
+            self.resizeDocks(
+                [self.log_dock, self.samples_dock], [int(w * 0.6), int(w * 0.4)], Qt.Orientation.Horizontal
+            )
+
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        super().showEvent(event)
+        if not self._shown_once:
+            self._shown_once = True
+            if not self._state_restored:  # a layout of the user's own stays as it was
+                QTimer.singleShot(0, self._size_docks)
 
     # ------------------------------------------------------------------ keys
 
@@ -381,7 +399,7 @@ class MainWindow(QMainWindow):
             self._keep_on_screen()
         state = s.value("window/state")
         if state is not None:
-            self.restoreState(state)
+            self._state_restored = bool(self.restoreState(state))
         if s.value("runs/folder"):
             self.runs_folder = str(s.value("runs/folder"))
         hidden = s.value("plots/hidden")

@@ -285,7 +285,8 @@ class HyperparamForm(QWidget):
         # Apply bar (visible during a run). Not in this form's layout: the setup panel pins it below
         # its scroll area, so it stays in view however far the form is scrolled.
         self.apply_bar = QWidget()
-        ab = QHBoxLayout(self.apply_bar)
+        ab = QVBoxLayout(self.apply_bar)
+        ab.setSpacing(3)
         ab.setContentsMargins(0, 0, 0, 0)
         self.apply_hint = QLabel(RUNNING_HINT)
         self.apply_hint.setStyleSheet("color: #8a9099;")
@@ -301,9 +302,13 @@ class HyperparamForm(QWidget):
         self.revert_button.setToolTip("Put back the values the run is using now.")
         self.revert_button.setEnabled(False)
         self.revert_button.clicked.connect(self.revert_live)
-        ab.addWidget(self.apply_hint, 1)
-        ab.addWidget(self.revert_button)
-        ab.addWidget(self.apply_button)
+        # the hint on a line of its own: beside the buttons a narrow panel wraps it word by word
+        ab.addWidget(self.apply_hint)
+        buttons = QHBoxLayout()
+        buttons.addStretch(1)
+        buttons.addWidget(self.revert_button)
+        buttons.addWidget(self.apply_button)
+        ab.addLayout(buttons)
         self.apply_bar.setVisible(False)
 
         placed: set[str] = set()

@@ -16,6 +16,7 @@ from PySide6.QtCore import QTimer, Signal
 from PySide6.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
+    QGridLayout,
     QHBoxLayout,
     QLabel,
     QPlainTextEdit,
@@ -97,20 +98,25 @@ class SamplePanel(QWidget):
         top = QHBoxLayout()
         top.addWidget(self.model_label, 1)
         top.addWidget(self.load_button)
-        opts = QHBoxLayout()
-        for text, w in (
+        # two pairs a row: the panel also fits a narrow column beside the plots
+        opts = QGridLayout()
+        opts.setHorizontalSpacing(6)
+        opts.setVerticalSpacing(2)
+        pairs = (
             ("tokens", self.max_tokens),
             ("temp", self.temperature),
             ("top-p", self.top_p),
             ("top-k", self.top_k),
             ("seed", self.seed),
-        ):
+        )
+        for i, (text, w) in enumerate(pairs):
             lab = QLabel(text)
             lab.setStyleSheet(f"color: {MUTED};")
             lab.setToolTip(w.toolTip())
-            opts.addWidget(lab)
-            opts.addWidget(w)
-        opts.addStretch(1)
+            row, col = divmod(i, 2)
+            opts.addWidget(lab, row, 2 * col)
+            opts.addWidget(w, row, 2 * col + 1)
+        opts.setColumnStretch(4, 1)
         row = QHBoxLayout()
         row.addWidget(self.status, 1)
         row.addWidget(self.stop_button)
