@@ -606,6 +606,7 @@ class MainWindow(QMainWindow):
             )
         if last_step is not None:
             self._pending_step = last_step
+            self.plots.poke()
 
     def _read_host_memory(self) -> None:
         # The machine's memory next to the engine's reading (a CPU run's truth is RSS and what is left).

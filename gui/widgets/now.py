@@ -42,7 +42,7 @@ class NowStrip(QWidget):
         self.values[name] = value
 
     def _show(self) -> None:
-        gap = "&nbsp;" * 5
+        gap = "&nbsp;" * 4
         self.label.setText(
             gap.join(
                 f"<span style='color:{MUTED}'>{name}</span>&nbsp;"

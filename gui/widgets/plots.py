@@ -638,6 +638,11 @@ class PlotPanel(QWidget):
         self._timer.timeout.connect(self._tick)
         self._timer.start()
 
+    def poke(self) -> None:
+        """New data has just arrived: draw it now if the time budget allows (else the timer will),
+        so a step is not kept waiting for the next tick."""
+        self._tick()
+
     def _tick(self) -> None:
         """Timer: redraw new data within the time budget; a zoom or pan is redrawn at once."""
         now = time.perf_counter()
