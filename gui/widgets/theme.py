@@ -82,4 +82,6 @@ def apply(app: QApplication) -> None:
         'QLineEdit[invalid="true"] { border: 1px solid #e5484d; background: #3a1d20; }'
         'QLineEdit[changed="true"] { border: 1px solid #d9a32b; }'
         'QComboBox[changed="true"] { border: 1px solid #d9a32b; }'
+        # a checked tool button (Follow) must look pressed: Fusion's dark palette barely shows it
+        "QToolButton:checked { background: #2f4f7a; border: 1px solid #4f7fd9; border-radius: 3px; }"
     )
