@@ -24,6 +24,7 @@ from tunedeck.engine.protocol import (
     ErrorEvent,
     EvalEvent,
     Event,
+    RollbackEvent,
     SampleEvent,
     StartEvent,
     StateEvent,
@@ -116,9 +117,24 @@ class Change:
     step: int
     changes: dict[str, list[Any]]
     source: str
+    rule: str = ""  # the autopilot rule that made it
+    reason: str = ""
 
     def label(self) -> str:
         return ", ".join(f"{k} {fmt_number(v[0])}→{fmt_number(v[1])}" for k, v in self.changes.items())
+
+
+@dataclass
+class Branch:
+    """Steps a rollback left behind (``to_step+1..from_step``), kept to be drawn faded."""
+
+    number: int | None
+    from_step: int
+    to_step: int
+    checkpoint: str
+    steps: np.ndarray
+    loss: np.ndarray
+    lr: np.ndarray
 
 
 @dataclass
@@ -138,6 +154,7 @@ class RunHistory:
     ended: float = 0.0  # unix time of the end event
     changes: list[Change] = field(default_factory=list)
     checkpoints: list[tuple[int, str]] = field(default_factory=list)
+    branches: list[Branch] = field(default_factory=list)  # abandoned by rollbacks, oldest first
     samples: list[SampleEvent] = field(default_factory=list)
     problems: list[Event] = field(default_factory=list)  # warnings and errors
     version: int = 0  # bumped on every change; the plots redraw when it moved
@@ -183,8 +200,10 @@ class RunHistory:
             case EvalEvent(step=step, eval_loss=loss):
                 self.eval_steps.append(step)
                 self.eval_loss.append(loss)
-            case ChangeEvent(step=step, changes=changes, source=source):
-                self.changes.append(Change(step, dict(changes), source))
+            case ChangeEvent(step=step, changes=changes, source=source, rule=rule, reason=reason):
+                self.changes.append(Change(step, dict(changes), source, rule, reason))
+            case RollbackEvent():
+                self._branch_off(ev)
             case StartEvent():
                 self._started(ev)
             case StateEvent(state=state):
@@ -215,7 +234,13 @@ class RunHistory:
             for c in ev.changes or []:
                 if isinstance(c, dict) and "step" in c:
                     self.changes.append(
-                        Change(int(c["step"]), dict(c.get("changes") or {}), str(c.get("source", "user")))
+                        Change(
+                            int(c["step"]),
+                            dict(c.get("changes") or {}),
+                            str(c.get("source", "user")),
+                            str(c.get("rule", "")),
+                            str(c.get("reason", "")),
+                        )
                     )
 
     def set_host_memory(self, used_mb: float, total_mb: float) -> None:
@@ -243,6 +268,25 @@ class RunHistory:
         self.changes = [c for c in self.changes if c.step <= step]
         self.checkpoints = [c for c in self.checkpoints if c[0] <= step]
         self.version += 1
+
+    def _branch_off(self, ev: RollbackEvent) -> None:
+        """The steps after ``to_step`` become a branch; the run goes on from ``to_step``."""
+        xs = self.steps.view
+        keep = int(np.searchsorted(xs, ev.to_step, side="right")) if len(xs) else 0
+        # A branch starts at its fork point, so its faded line joins the run's.
+        start = max(0, keep - 1)
+        self.branches.append(
+            Branch(
+                ev.branch,
+                ev.from_step,
+                ev.to_step,
+                ev.checkpoint,
+                xs[start:].copy(),
+                self.series["loss"].view[start:].copy(),
+                self.series["lr"].view[start:].copy(),
+            )
+        )
+        self.truncate(ev.to_step)
 
     def extend(self, events: list[Event]) -> None:
         for ev in events:

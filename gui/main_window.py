@@ -31,7 +31,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from tunedeck.engine import builtin
+from tunedeck.engine import builtin, checkpoint
 from tunedeck.engine import config as cfgmod
 from tunedeck.engine.config import Config
 from tunedeck.engine.errors import ConfigError
@@ -46,6 +46,7 @@ from tunedeck.engine.protocol import (
     Pause,
     ProgressEvent,
     Resume,
+    Rollback,
     Sample,
     SampleEvent,
     SamplingOptions,
@@ -60,6 +61,7 @@ from tunedeck.engine.protocol import (
 from tunedeck.gui import run_library
 from tunedeck.gui.bridge import SessionBridge, SessionFactory
 from tunedeck.gui.history import RunHistory, describe_progress, fmt_number
+from tunedeck.gui.widgets.autopilot import AutopilotPanel
 from tunedeck.gui.widgets.banner import Banner
 from tunedeck.gui.widgets.controls import RunControls, RunStatus
 from tunedeck.gui.widgets.library import RunLibrary
@@ -152,16 +154,20 @@ class MainWindow(QMainWindow):
         self.samples = SamplePanel()
         self.library = RunLibrary()
         self.summary = SummaryPanel()
+        self.autopilot = AutopilotPanel()
         bottom = Qt.DockWidgetArea.BottomDockWidgetArea
         self.setup_dock = self._dock("Setup", self.setup, Qt.DockWidgetArea.LeftDockWidgetArea)
         self.log_dock = self._dock("Log", self.log, bottom)
         self.library_dock = self._dock("Runs", self.library, bottom)
         self.summary_dock = self._dock("Summary", self.summary, bottom)
         self.samples_dock = self._dock("Samples", self.samples, bottom)
+        self.autopilot_dock = self._dock("Autopilot", self.autopilot, bottom)
         self.splitDockWidget(self.log_dock, self.samples_dock, Qt.Orientation.Horizontal)
         self.tabifyDockWidget(self.log_dock, self.library_dock)
         self.tabifyDockWidget(self.library_dock, self.summary_dock)
+        self.tabifyDockWidget(self.samples_dock, self.autopilot_dock)
         self.log_dock.raise_()
+        self.samples_dock.raise_()
 
         # -- toolbar, status bar, menus
         self.controls = RunControls(self)
@@ -195,6 +201,8 @@ class MainWindow(QMainWindow):
         self.library.open_requested.connect(self.open_run)
         self.library.folder_change_requested.connect(self.choose_runs_folder)
         self.samples.generate.connect(self._sample)
+        self.plots.rollback.requested.connect(self.send_rollback)
+        self.autopilot.command.connect(self.send)
         self.bridge.events.connect(self._on_events)
         self.bridge.ended.connect(self._on_ended)
         # The status bar and the "now" strip follow the steps at 4 Hz: enough to read, and the GUI
@@ -270,8 +278,25 @@ class MainWindow(QMainWindow):
         r = mb.addMenu("&Run")
         for a in self.controls.actions():
             r.addAction(a)
+        r.addSeparator()
+        self.rollback_action = add(
+            r,
+            "Roll back to a checkpoint…",
+            lambda: self.plots.rollback.ask(),
+            None,
+            "Go back to a checkpoint of this run, optionally with a new learning rate (or click a "
+            "checkpoint mark on the loss plot)",
+        )
+        self.rollback_action.setEnabled(False)
         vm = mb.addMenu("&View")
-        for d in (self.setup_dock, self.log_dock, self.library_dock, self.summary_dock, self.samples_dock):
+        for d in (
+            self.setup_dock,
+            self.log_dock,
+            self.library_dock,
+            self.summary_dock,
+            self.samples_dock,
+            self.autopilot_dock,
+        ):
             vm.addAction(d.toggleViewAction())
         vm.addSeparator()
         add(vm, "Fit plots", lambda: (self.plots.fit(), self.plots.refresh(force=True)), "Ctrl+0")
@@ -305,7 +330,13 @@ class MainWindow(QMainWindow):
             # A short screen: the log, samples, runs and summary share one tabbed column on the
             # right, so the plots keep the whole height (a bottom area would leave them ~80 px).
             right = Qt.DockWidgetArea.RightDockWidgetArea
-            docks = [self.log_dock, self.samples_dock, self.library_dock, self.summary_dock]
+            docks = [
+                self.log_dock,
+                self.samples_dock,
+                self.library_dock,
+                self.summary_dock,
+                self.autopilot_dock,
+            ]
             for d in docks:
                 self.addDockWidget(right, d)
             for d1, d2 in zip(docks, docks[1:], strict=False):
@@ -542,6 +573,11 @@ class MainWindow(QMainWindow):
             self.log.add("info", "saving a checkpoint at the next step boundary…")
             self.send(Save())
 
+    def send_rollback(self, cmd: Rollback) -> None:
+        with_values = ", then " + ", ".join(f"{k}={fmt_number(v)}" for k, v in cmd.values.items())
+        self.log.add("change", f"rolling back to {cmd.checkpoint}" + (with_values if cmd.values else ""))
+        self.send(cmd)
+
     def apply_live(self, changes: dict) -> None:
         if not changes:
             return
@@ -568,6 +604,7 @@ class MainWindow(QMainWindow):
         for ev in batch:
             self.history.add(ev)
             self.log.add_event(ev)
+            self.autopilot.add_event(ev)
             match ev:
                 case StepEvent():
                     last_step = ev
@@ -583,7 +620,11 @@ class MainWindow(QMainWindow):
                     self.controls.set_state(state)
                     self.status.set_state(state)
                     self.setup.form.set_paused(state == "paused")
-                    self.samples.set_live(state in ("running", "paused"))
+                    live = state in ("running", "paused")
+                    self.samples.set_live(live)
+                    self.plots.rollback.live = live
+                    self.rollback_action.setEnabled(live)
+                    self.autopilot.set_live(live)
                     if self.history.run_id:
                         self.setWindowTitle(f"{APP_NAME} — {self.history.run_id} ({state})")
                 case EvalEvent():
@@ -629,6 +670,9 @@ class MainWindow(QMainWindow):
         self.controls.set_state("idle")
         self.setup.set_running(False)
         self.samples.set_live(False)
+        self.plots.rollback.live = False
+        self.rollback_action.setEnabled(False)
+        self.autopilot.set_live(False)
         self.status.set_state("failed" if end.status == "failed" else end.status)
         self.now.update_from(self.history, None, False)
         self.library.busy_path = None
@@ -770,8 +814,14 @@ class MainWindow(QMainWindow):
         path = QFileDialog.getExistingDirectory(
             self, "Checkpoint to resume from (checkpoints/step-N)", self._runs_dir()
         )
-        if path:
-            self.start_run(resume_from=path)
+        if not path:
+            return
+        try:  # the checkpoint's settings: a resume cannot change what they fix (see engine/resume.py)
+            self.set_config(checkpoint.read_config(Path(path)), f"checkpoint {Path(path).name}'s settings")
+        except ConfigError as e:
+            self.banner.show_message("Not a checkpoint to resume from", e.one_line())
+            return
+        self.start_run(resume_from=path)
 
     # ------------------------------------------------------------------ export
 

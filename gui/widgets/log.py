@@ -17,6 +17,7 @@ from tunedeck.engine.protocol import (
     EvalEvent,
     Event,
     ProgressEvent,
+    RollbackEvent,
     SampleEvent,
     StartEvent,
     StateEvent,
@@ -108,15 +109,19 @@ class LogPanel(QWidget):
                     f"step {step}: eval loss {fmt_number(loss)} (perplexity {fmt_number(ppl)})",
                     when=t,
                 )
-            case ChangeEvent(step=step, changes=changes, source=source):
-                who = {"user": "you", "resume": "the resume", "autopilot": "the autopilot"}.get(
+            case ChangeEvent(step=step, changes=changes, source=source, rule=rule, reason=reason):
+                who = {"user": "you", "resume": "the resume", "autopilot": f"the autopilot ({rule})"}.get(
                     source, "the engine"
                 )
+                why = f": {reason}" if reason else ""
                 self.add(
                     "change",
-                    f"after step {step}, {who} changed {Change(step, changes, source).label()}",
+                    f"after step {step}, {who} changed {Change(step, changes, source).label()}{why}",
                     when=t,
                 )
+            case RollbackEvent(from_step=from_step, to_step=to_step, checkpoint=ckpt, branch=branch):
+                kept = f"; steps {to_step + 1}-{from_step} kept as branch {branch}" if branch else ""
+                self.add("change", f"rolled back from step {from_step} to {ckpt}{kept}", when=t)
             case CheckpointEvent(step=step, path=path):
                 self.add("info", f"step {step}: checkpoint saved to {path}", when=t)
             case SampleEvent(step=step, text=text):

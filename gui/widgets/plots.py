@@ -51,6 +51,7 @@ from tunedeck.gui.history import (
     fmt_mb,
     fmt_number,
 )
+from tunedeck.gui.widgets.branches import RollbackLayer
 from tunedeck.gui.widgets.theme import COLORS, GRID, GRID_MINOR, MUTED, OVERLAY_COLORS
 
 REDRAW_MS = 50  # at most 20 redraws a second, whatever the step rate
@@ -600,6 +601,8 @@ class PlotPanel(QWidget):
             line.setZValue(20)
             p.addItem(line, ignoreBounds=True)
             self.cursors.append(line)
+        # checkpoints as marks on the step axis (click one to roll back), rollbacks' branches faded
+        self.rollback = RollbackLayer(self)
         self.loss_plot.vb.sigXRangeChanged.connect(self._xrange_changed)
         self.loss_plot.vb.sigResized.connect(self._xrange_changed)
         # Labels sit in view coordinates: when the y range moves (auto-range runs just before a
@@ -843,7 +846,7 @@ class PlotPanel(QWidget):
                 continue
             top = 0.0
             for item in p.listDataItems():
-                if not item.isVisible():
+                if not item.isVisible() or getattr(item, "faded", False):
                     continue
                 _, y = item.getOriginalDataset()
                 if y is not None and len(y):
@@ -908,6 +911,7 @@ class PlotPanel(QWidget):
         if "gpu_util" in h.nonzero:
             self._set(self.c_util["gpu_util"], sx, h.system["gpu_util"], swin)
         self._sync_markers()
+        self._sync_rollback(h)
         self.glw.drawn_steps = len(h)
         for o in self.overlays:
             self._draw_overlay(o)
@@ -915,6 +919,16 @@ class PlotPanel(QWidget):
         self._zero_ranges()
         self._titles()
         return True
+
+    def _sync_rollback(self, h: RunHistory) -> None:
+        """Checkpoint marks and the branches rollbacks left: drawn against the step, so shown only
+        when the x axis counts steps."""
+        steps = self.x_mode == "step"
+        self.rollback.sync(h)
+        self.rollback.marks.setVisible(steps)
+        for _b, loss, lr in self.rollback.curves.items:
+            loss.setVisible(steps)
+            lr.setVisible(steps)
 
     def _memory_curves(self, h: RunHistory, x: np.ndarray, win: tuple[int, int, int]) -> None:
         """What is true on the run's device: on a GPU the allocator's figures and the device's memory,
