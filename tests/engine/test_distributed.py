@@ -1,0 +1,476 @@
+"""Runs on several processes: torchrun, DDP and FSDP2 on the CPU with gloo, 2 processes.
+
+The quick tests check the arithmetic and the launcher's command line in this process. The slow ones
+start real process groups: one torchrun runs the scenarios of ``dist_worker.py`` (the imports are paid
+once), compared with one-process runs made here; the CLI tests start ``tunedeck-train --nproc-per-node 2``
+itself, steer it through its control file and kill one of its processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.engine.helpers import make_cfg, of, run, steps
+from tunedeck.engine import checkpoint, cli, data, distributed, launch
+from tunedeck.engine import config as config_mod
+from tunedeck.engine.control import append
+from tunedeck.engine.distributed import Dist
+from tunedeck.engine.errors import ConfigError
+from tunedeck.engine.plan import StepPlan
+from tunedeck.engine.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+# Equal "within fp32": the processes sum the same terms in another order. SGD_ATOL after 4 SGD steps;
+# ADAM_ATOL after Adam's steps, whose updates are about the learning rate (1e-3) in size.
+SGD_ATOL = 1e-6
+ADAM_ATOL = 1e-4
+
+# ------------------------------------------------------------------ in this process
+
+
+def test_one_process_is_a_no_op():
+    d = Dist()
+    examples = [{"input_ids": [1, 2], "labels": [1, 2]}] * 3
+    assert not d.enabled and d.is_main and not d.shards and d.describe() == {}
+    assert d.shard(examples) is examples and d.loss_items(7) == 7 and isinstance(d.loss_items(7), int)
+    assert d.share(["x"]) == ["x"] and d.from_main(5) == 5 and d.any(True) and not d.any(False)
+    batches = [{"labels": torch.zeros(1, 2)}]
+    assert d.eval_share(batches) is batches and d.sum(torch.tensor(2.5)) == 2.5
+    assert d.model_state(torch.nn.Linear(2, 2), trainable_only=True) is None
+    assert d.rng_states() is None and d.failures() == {}
+
+
+def test_each_process_takes_its_share_of_a_micro_batch():
+    examples = [{"input_ids": [i, i], "labels": [i, i]} for i in range(7)]
+    shares = [Dist(rank=r, world_size=3).shard(examples) for r in range(3)]
+    assert [len(s) for s in shares] == [2, 2, 3] and sum(shares, []) == examples
+    assert Dist(rank=1, world_size=2).loss_items(13) == 6.5
+    # One example left at an epoch's end: the first process runs one without targets.
+    last = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}]
+    assert Dist(rank=0, world_size=2).shard(last) == [{"input_ids": [5, 6, 7], "labels": [-100] * 3}]
+    assert Dist(rank=1, world_size=2).shard(last) == last
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_counts_from_the_examples_match_the_collated_batch(packed):
+    examples = [
+        {"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]},
+        {"input_ids": [5, 6], "labels": [5, 6]},
+        {"input_ids": [7, 8, 9], "labels": [-100, 8, -100]},
+    ]
+    batch = data.collate(examples, pad_token_id=0, packing=packed)
+    tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    assert distributed.example_counts(examples) == (data.count_targets(batch), tokens) == (4, 9)
+
+
+def test_distributed_setting_is_checked():
+    with pytest.raises(ConfigError) as e:
+        config_mod.apply_overrides(config_mod.Config(), ["train.distributed=zero"])
+    assert e.value.one_line() == "train.distributed='zero' is not a known choice (allowed: ddp, fsdp)"
+    cfg = config_mod.Config()
+    cfg.train.distributed, cfg.model.load_in_4bit = "fsdp", True
+    distributed.check(cfg, 1)  # one process shards nothing
+    with pytest.raises(ConfigError, match="train.distributed=fsdp cannot shard a quantized base model"):
+        distributed.check(cfg, 2)
+
+
+def test_a_checkpoint_resumes_on_a_count_that_splits_its_micro_batch(tmp_path):
+    t = Trainer(make_cfg(tmp_path), lambda e: None, None, dist=Dist(rank=0, world_size=3))  # type: ignore[arg-type]
+    t.plan = StepPlan(examples=100, batch_size=4, accumulation=1, total_steps=10)
+    with pytest.raises(ConfigError) as e:
+        t._fit_processes(2)
+    assert e.value.one_line() == (
+        "the checkpoint's micro-batch of 4 examples (all 2 processes together) does not split evenly over "
+        "3 processes (resume on 1, 2, 4 processes)"
+    )
+
+
+def test_torchrun_command_line():
+    args = cli.parse_args(["my.yaml", "--nproc-per-node", "2", "--set", "train.max_steps=3", "--quiet"])
+    assert args.config == "my.yaml" and args.overrides == ["train.max_steps=3"]
+    assert args.argv == ["my.yaml", "--set", "train.max_steps=3", "--quiet"]
+    assert launch.requested(args.launch) and launch.world_size(args.launch) == 2
+    assert launch.torchrun_command(args.launch, args.argv) == [
+        PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "--signals-to-handle", "SIGTERM,SIGHUP,SIGQUIT", "-m", "tunedeck.engine.cli",
+        "my.yaml", "--set", "train.max_steps=3", "--quiet",
+    ]  # fmt: skip
+    args = cli.parse_args(
+        ["--nproc-per-node=4", "--nnodes", "2", "--rdzv-endpoint", "h:29400", "--rdzv-id", "j"]
+    )
+    assert launch.world_size(args.launch) == 8
+    assert launch.torchrun_command(args.launch, args.argv)[3:] == [
+        "--nproc-per-node", "4", "--nnodes", "2", "--rdzv-endpoint", "h:29400", "--rdzv-id", "j",
+        "--rdzv-backend", "c10d", "--signals-to-handle", "SIGTERM,SIGHUP,SIGQUIT", "-m", "tunedeck.engine.cli",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["--nproc-per-node", "0"], "--nproc-per-node 0 is not a whole number >= 1"),
+        (["--nnodes", "2"], "the torchrun options need --nproc-per-node N"),
+        (
+            ["--nproc-per-node", "2", "--set", "train.distributed=fsdp", "--set", "model.load_in_8bit=true"],
+            "train.distributed=fsdp cannot shard a quantized base model (model.load_in_8bit=true)",
+        ),
+    ],
+)
+def test_bad_launcher_options_exit_2_with_one_line(argv, line, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"tunedeck-train: error: {line}")
+
+
+# ------------------------------------------------------------------ one torchrun, many scenarios
+
+# SGD for 4 steps, so the weights after them show the update itself (Adam's first steps turn a rounding
+# difference in a near-zero gradient into a step of the learning rate's size); then live changes to
+# Adam (fresh moments), then to fused AdamW (moments carried over, sharded ones under FSDP2).
+LIVE = {
+    2: [{"cmd": "eval"}, {"cmd": "sample", "prompt": "What is 2+2?", "max_new_tokens": 8}],
+    4: [
+        {"cmd": "save"},
+        {"cmd": "set", "learning_rate": 1e-3, "lr_scheduler_type": "cosine", "optim": "adamw_torch"},
+    ],
+    5: [{"cmd": "set", "gradient_accumulation_steps": 3, "optim": "adamw_torch_fused"}],
+}
+TWO_BY_TWO = {"train__per_device_train_batch_size": 2, "train__gradient_accumulation_steps": 2}
+BASE = {
+    "train__max_steps": 7,
+    "train__lr_scheduler_type": "constant",
+    "train__optim": "sgd",
+    "train__learning_rate": 0.5,
+}
+
+
+def commands(at: dict[int, list[dict]]) -> dict[int, list]:
+    from tunedeck.engine.protocol import command_from_dict
+
+    return {k: [command_from_dict(c) for c in v] for k, v in at.items()}
+
+
+def torchrun(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+class Runs:
+    """The scenarios' results and the one-process references."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.refs: dict[str, tuple[list, Trainer]] = {}
+        self.proc: subprocess.CompletedProcess | None = None
+
+    def events(self, name: str) -> list[dict]:
+        return [json.loads(x) for x in (self.root / name / "events.jsonl").read_text().splitlines()]
+
+    def params(self, name: str, rank: int = 0) -> dict[str, torch.Tensor]:
+        return load_file(self.root / name / f"rank{rank}.safetensors")
+
+    def checkpoint(self, name: str, kind: str = "checkpoint") -> Path:
+        return Path([e for e in self.events(name) if e["type"] == kind][0]["path"])
+
+    def rank(self, name: str, rank: int) -> dict:
+        return json.loads((self.root / name / f"rank{rank}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    root = tmp_path_factory.mktemp("dist")
+    r = Runs(root)
+    # One-process references, the second also the checkpoint a 1 -> 2 resume starts from.
+    r.refs["8x1"] = run(
+        make_cfg(root / "ref8x1", **{**BASE, "train__max_steps": 4, "train__per_device_train_batch_size": 8}),
+        at=commands({2: LIVE[2]}),
+    )
+    r.refs["4x2"] = run(
+        make_cfg(
+            root / "ref4x2",
+            **BASE,
+            train__per_device_train_batch_size=4,
+            train__gradient_accumulation_steps=2,
+        ),
+        at=commands(LIVE),
+    )
+    one_ckpt = r.refs["4x2"][1].run_dir / "checkpoints" / "step-000004"
+    resumed_live = {"0": LIVE[4][1:], "5": LIVE[5]}
+    scenarios = [
+        {"name": "ddp", "cfg": {**BASE, **TWO_BY_TWO, "train__distributed": "ddp"}, "at": LIVE},
+        {"name": "fsdp", "cfg": {**BASE, **TWO_BY_TWO, "train__distributed": "fsdp"}, "at": LIVE},
+        {"name": "one_to_two_ddp", "resume_from": str(one_ckpt), "at": resumed_live},
+        {"name": "one_to_two_fsdp", "resume_from": str(one_ckpt), "resume_set": ["train.distributed=fsdp"], "at": resumed_live},
+        {"name": "dropout", "cfg": {"train__max_steps": 6, "train__save_steps": 3, "lora__dropout": 0.1, **TWO_BY_TWO}},
+        {"name": "dropout_resumed", "resume_from": str(root / "dropout" / "runs" / "run" / "checkpoints" / "step-000003")},
+        {"name": "cancel", "cfg": {"train__max_steps": 6, **TWO_BY_TWO}, "at": {2: [{"cmd": "cancel"}]}},
+        {"name": "oom", "cfg": {"train__max_steps": 6, **TWO_BY_TWO}, "oom_rank": 1, "oom_step": 3},
+    ]  # fmt: skip
+    for s in scenarios:
+        s["root"] = str(root / s["name"])
+        s["at"] = {str(k): v for k, v in s.get("at", {}).items()}
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"scenarios": scenarios}))
+    r.proc = torchrun(str(ROOT / "tests" / "engine" / "dist_worker.py"), str(spec), timeout=400)
+    return r
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys() and a
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_two_processes_equal_one_with_the_whole_batch(runs, name):
+    """2 processes x batch 2 x accumulation 2 == 1 x batch 8 x 1 == 1 x batch 4 x 2, after 4 steps."""
+    ev = runs.events(name)
+    assert ev[-1]["status"] == "completed", runs.proc.stdout[-3000:] + runs.proc.stderr[-3000:]
+    start = next(e for e in ev if e["type"] == "start")
+    assert start["model"]["world_size"] == 2 and start["model"]["distributed"] == name
+    at4 = adapter(runs.checkpoint(name))
+    for ref in ("8x1", "4x2"):
+        one = adapter(runs.refs[ref][1].run_dir / ("final" if ref == "8x1" else "checkpoints/step-000004"))
+        assert max_diff(at4, one) < SGD_ATOL, ref
+    ref_steps = steps(runs.refs["8x1"][0])
+    for e in ev:
+        if e["type"] == "step" and e["step"] <= 4:
+            assert e["loss"] == pytest.approx(ref_steps[e["step"]].loss, abs=1e-5)
+            assert e["learning_rate"] == ref_steps[e["step"]].learning_rate
+            assert e["tokens"] == ref_steps[e["step"]].tokens  # both processes' tokens
+            assert len(e["mem_peak_mb_ranks"]) == 2 and e["mem_peak_mb"] == max(e["mem_peak_mb_ranks"])
+    # Eval (each process half the eval set) and sample (rank 0 under DDP, both in step under FSDP).
+    ref_eval, ref_sample = of(runs.refs["8x1"][0], "eval")[0], of(runs.refs["8x1"][0], "sample")[0]
+    (ev_eval,), (ev_sample,) = (
+        [e for e in ev if e["type"] == "eval"],
+        [e for e in ev if e["type"] == "sample"],
+    )
+    assert ev_eval["step"] == 2 and ev_eval["eval_loss"] == pytest.approx(ref_eval.eval_loss, abs=1e-5)
+    assert ev_sample["step"] == 2 and ev_sample["text"] == ref_sample.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_live_changes_are_applied_alike_on_every_process(runs, name):
+    """LR, scheduler, accumulation and optimizer changes at steps 4 and 5: the processes end with the same
+    weights, which equal the one-process run's with the same changes at the same steps."""
+    ev, (ref_ev, ref) = runs.events(name), runs.refs["4x2"]
+    changes = [(e["step"], e["changes"]) for e in ev if e["type"] == "change"]
+    assert changes == [(c.step, c.changes) for c in of(ref_ev, "change")] and len(changes) == 2
+    ref_steps = steps(ref_ev)
+    got = {e["step"]: e for e in ev if e["type"] == "step"}
+    assert sorted(got) == sorted(ref_steps) == list(range(1, 8))
+    for s, e in got.items():
+        assert e["learning_rate"] == pytest.approx(ref_steps[s].learning_rate, rel=1e-12), s
+        assert e["gradient_accumulation_steps"] == ref_steps[s].gradient_accumulation_steps
+        assert e["loss"] == pytest.approx(ref_steps[s].loss, abs=1e-4), s
+    final = adapter(Path(ev[-1]["output"]))
+    assert max_diff(final, adapter(ref.run_dir / "final")) < ADAM_ATOL
+    if name == "ddp":  # each process holds the whole model: bit for bit the same
+        a, b = runs.params(name, 0), runs.params(name, 1)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert {runs.rank(name, r)["status"] for r in (0, 1)} == {"completed"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_checkpoint_of_two_processes_resumes_on_one(runs, name, tmp_path):
+    ckpt = Path(shutil.copytree(runs.checkpoint(name), tmp_path / "start"))  # its own run folder
+    _, state = checkpoint.read_state(ckpt)
+    assert state["world_size"] == 2 and state["plan"]["batch_size"] == 4 and state["step"] == 4
+    rng = checkpoint.read_rng(ckpt)
+    assert len(rng["ranks"]) == 2 and not torch.equal(rng["ranks"][0]["cpu"], rng["ranks"][1]["cpu"])
+    # The one-process layout: parameters numbered in the optimizer's order.
+    groups = checkpoint.read_optimizer(ckpt)["param_groups"]
+    assert [i for g in groups for i in g["params"]] == list(range(len(adapter(ckpt))))
+    events, t = run(None, at=commands({0: LIVE[4][1:], 5: LIVE[5]}), resume_from=ckpt)
+    assert t.cfg.train.per_device_train_batch_size == 4 and t.dist.world_size == 1
+    (warning,) = [w for w in of(events, "warning") if w.message.startswith("resumed on")]
+    assert warning.message.startswith(
+        "resumed on 1 process(es) a run of 2: per_device_train_batch_size 2 -> 4"
+    )
+    two = {e["step"]: e for e in runs.events(name) if e["type"] == "step"}
+    for s, e in steps(events).items():
+        assert e.learning_rate == two[s]["learning_rate"] and e.loss == pytest.approx(
+            two[s]["loss"], abs=1e-4
+        )
+    assert sorted(steps(events)) == [5, 6, 7]
+    assert max_diff(adapter(t.run_dir / "final"), adapter(Path(runs.events(name)[-1]["output"]))) < ADAM_ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["one_to_two_ddp", "one_to_two_fsdp"])
+def test_checkpoint_of_one_process_resumes_on_two(runs, name):
+    ev, (ref_ev, ref) = runs.events(name), runs.refs["4x2"]
+    assert ev[-1]["status"] == "completed"
+    (warning,) = [e for e in ev if e["type"] == "warning" and e["message"].startswith("resumed on")]
+    assert "2 process(es) a run of 1: per_device_train_batch_size 4 -> 2" in warning["message"]
+    ref_steps = steps(ref_ev)
+    got = {e["step"]: e for e in ev if e["type"] == "step"}
+    assert sorted(got) == [5, 6, 7]
+    for s, e in got.items():
+        assert e["learning_rate"] == ref_steps[s].learning_rate
+        assert e["loss"] == pytest.approx(ref_steps[s].loss, abs=1e-4)
+    assert max_diff(adapter(Path(ev[-1]["output"])), adapter(ref.run_dir / "final")) < ADAM_ATOL
+
+
+@pytest.mark.slow
+def test_each_process_has_its_dropout_stream_and_a_resume_restores_each(runs):
+    """With dropout, 2 -> 2 continues bit for bit: each process's RNG comes back from the checkpoint."""
+    full, resumed = runs.events("dropout"), runs.events("dropout_resumed")
+    assert runs.rank("dropout", 0)["rng"] != runs.rank("dropout", 1)["rng"]
+    a = {e["step"]: e["loss"] for e in full if e["type"] == "step"}
+    b = {e["step"]: e["loss"] for e in resumed if e["type"] == "step"}
+    assert sorted(b) == [4, 5, 6] and all(b[s] == a[s] for s in b)
+    assert runs.rank("dropout_resumed", 1)["rng"] == runs.rank("dropout", 1)["rng"]
+    f, g = runs.params("dropout", 1), runs.params("dropout_resumed", 1)
+    assert all(torch.equal(f[k], g[k]) for k in f)
+
+
+@pytest.mark.slow
+def test_cancel_ends_every_process(runs):
+    ev = runs.events("cancel")
+    assert ev[-1]["status"] == "cancelled" and ev[-1]["step"] == 2
+    assert {runs.rank("cancel", r)["status"] for r in (0, 1)} == {"cancelled"}
+    assert not list((runs.root / "cancel" / "runs").glob("*/final"))
+
+
+@pytest.mark.slow
+def test_out_of_memory_in_one_process_ends_the_run_with_its_error(runs):
+    ev = runs.events("oom")
+    error = [e for e in ev if e["type"] == "error"][-1]
+    assert error["message"] == "process 1 of 2 failed: out of memory at step 3" and error["kind"] == "oom"
+    assert "per_device_train_batch_size" in error["advice"]
+    assert ev[-1]["type"] == "end" and ev[-1]["status"] == "failed"
+    assert runs.proc.returncode != 0 and "rank      : 1" in runs.proc.stderr
+
+
+# ------------------------------------------------------------------ tunedeck-train --nproc-per-node 2
+
+
+def start_cli(tmp_path: Path, *sets: str, control: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "20"}
+    cmd = [
+        PY, "-m", "tunedeck.engine.cli", "--nproc-per-node", "2", "--output-dir", str(tmp_path),
+        "--set", "train.run_name=r", "--set", "train.per_device_train_batch_size=2",
+        "--set", "train.eval_steps=0", "--set", "train.save_steps=0", "--set", "data.max_length=64",
+    ]  # fmt: skip
+    for s in sets:
+        cmd += ["--set", s]
+    if control is not None:
+        cmd += ["--control", str(control)]
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for(path: Path, test, timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            events = [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")]
+            if test(events):
+                return events
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting on {path}")
+
+
+@pytest.mark.slow
+def test_cli_on_two_processes_pause_resume_save_eval_sample_stop(tmp_path):
+    """Every command through the run folder's control file; rank 0 alone writes the run folder."""
+    proc = start_cli(
+        tmp_path, "train.max_steps=400", "train.lr_scheduler_type=constant", "train.warmup_ratio=0"
+    )
+    metrics, control = tmp_path / "r" / "metrics.jsonl", tmp_path / "r" / "control.jsonl"
+    try:
+        wait_for(metrics, lambda ev: any(e["type"] == "step" for e in ev), 240)
+        append(control, {"cmd": "pause"})
+        ev = wait_for(metrics, lambda ev: any(e.get("state") == "paused" for e in ev), 60)
+        paused_at = max(e["step"] for e in ev if e["type"] == "step")
+        time.sleep(3)  # paused: no step goes by, and the heartbeats keep the group alive
+        for c in ({"cmd": "eval"}, {"cmd": "save"}, {"cmd": "sample", "prompt": "Hi", "max_new_tokens": 4},
+                  {"cmd": "set", "learning_rate": 1e-3}, {"cmd": "resume"}):  # fmt: skip
+            append(control, c)
+        wait_for(metrics, lambda ev: any(e["type"] == "step" and e["step"] > paused_at + 1 for e in ev), 60)
+        append(control, {"cmd": "stop"})
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    ev = [json.loads(x) for x in metrics.read_text().splitlines()]
+    kinds = [e["type"] for e in ev]
+    assert kinds.count("start") == 1 and kinds.count("end") == 1 and ev[-1]["status"] == "stopped"
+    steps_ = [e["step"] for e in ev if e["type"] == "step"]
+    assert steps_ == list(range(1, len(steps_) + 1))  # one process reports, each step once
+    after = ev[kinds.index("state", next(i for i, e in enumerate(ev) if e.get("state") == "paused")) :]
+    seen = [e for e in after if e["type"] in ("eval", "checkpoint", "sample", "change", "state")][:6]
+    assert [e["type"] for e in seen] == ["state", "eval", "checkpoint", "sample", "change", "state"]
+    assert seen[0]["state"] == "paused" and seen[-1]["state"] == "running"
+    assert all(e["step"] == paused_at for e in seen[1:5])
+    stepped = [e for e in ev if e["type"] == "step"]
+    assert {e["learning_rate"] for e in stepped if e["step"] > paused_at} == {1e-3}
+    assert {e["learning_rate"] for e in stepped if e["step"] <= paused_at} == {3e-3}
+    assert (tmp_path / "r" / "checkpoints" / checkpoint.step_dir_name(paused_at)).is_dir()
+    assert (tmp_path / "r" / "final" / "adapter_model.safetensors").is_file()
+    assert "stopped at step" in out and "[rank 1]" not in out
+
+
+def worker_pids(proc: subprocess.Popen) -> dict[int, int]:
+    """rank -> pid of the processes torchrun started under ``proc``."""
+    out = {}
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            env = p.environ()
+        except (psutil.Error, OSError):
+            continue
+        if "RANK" in env and "tunedeck.engine.cli" in " ".join(p.cmdline()):
+            out[int(env["RANK"])] = p.pid
+    return out
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_the_run_with_an_error_on_the_other(tmp_path):
+    proc = start_cli(tmp_path, "train.max_steps=400")
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    try:
+        wait_for(metrics, lambda ev: sum(e["type"] == "step" for e in ev) >= 2, 240)
+        pids = worker_pids(proc)
+        assert sorted(pids) == [0, 1]
+        os.kill(pids[1], signal.SIGKILL)
+        killed = time.monotonic()
+        ev = wait_for(metrics, lambda ev: ev[-1]["type"] == "end", 30)
+        took = time.monotonic() - killed
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    error = [e for e in ev if e["type"] == "error"][-1]
+    assert error["message"].startswith("another process of the run stopped answering"), error
+    assert ev[-1]["status"] == "failed" and took < 30
+    assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in out
+    assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
