@@ -12,7 +12,6 @@ errors, which also reach rank 0.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -307,17 +306,13 @@ def _same_file(control: Path, run_dir: str) -> bool:
 
 class _Signals:
     """Ctrl-C stops and saves, a second cancels. On several processes rank 0 alone acts on signals
-    (and tells the others at the next step boundary): a Ctrl-C torchrun repeats within a second counts
-    once, and SIGTERM or SIGHUP (torchrun's way to end a job, or to end the others when one process
-    died) stops and saves too; if the run has not ended ``grace_s`` later, a process it waits on is
-    gone, and the run's record ends here with an error."""
-
-    REPEAT_S = 1.0
+    (and tells the others at the next step boundary), and SIGTERM or SIGHUP (torchrun's way to end a
+    job, or to end the others when one process died) stops and saves too; if the run has not ended
+    ``grace_s`` later, a process it waits on is gone, and the run's record ends here with an error."""
 
     def __init__(self, session: Any, printer: Printer, dist: Any) -> None:
         self.session, self.printer, self.dist = session, printer, dist
         self.interrupts = 0
-        self.last = -math.inf
         self.deadline: float | None = None
         self.abandoned = False
         # torchrun gives its processes this long after SIGTERM before SIGKILL; end the record first.
@@ -333,10 +328,6 @@ class _Signals:
             self.previous[sig] = signal.signal(sig, handler if main_rank else signal.SIG_IGN)
 
     def on_interrupt(self, signum: int, frame: Any) -> None:
-        now = time.monotonic()
-        if self.dist is not None and now - self.last < self.REPEAT_S:
-            return  # the same Ctrl-C, passed on by torchrun
-        self.last = now
         self.interrupts += 1
         if self.interrupts == 1:
             self.printer.say("interrupt: stopping after this step and saving (Ctrl-C again to cancel)")

@@ -6,15 +6,18 @@ process as given. One machine gets torchrun's ``--standalone`` rendezvous; sever
 ``--nnodes`` with ``--rdzv-endpoint`` (and ``--rdzv-backend c10d``), or ``--node-rank`` with
 ``--master-addr``/``--master-port``, exactly as torchrun takes them.
 
-Ctrl-C: a terminal sends it to every process of the job at once. The launcher and the processes other
-than rank 0 ignore it, so rank 0 sees each Ctrl-C once (stop and save, then cancel) and tells the others
-at the next step boundary. SIGTERM and SIGHUP go through torchrun to every process as torchrun sends
-them; rank 0 then stops and saves.
+Signals: torchrun starts each process in a session of its own, so a terminal's Ctrl-C reaches only this
+command and torchrun. torchrun is told to ignore it (its own handling would SIGKILL the processes 30 s
+later, mid-save if need be); this command passes each Ctrl-C to the processes, where rank 0 acts on it
+as ``tunedeck-train`` does in one process (stop and save, then cancel) and tells the others at the next
+step boundary. SIGTERM and SIGHUP go to torchrun, which passes them to every process; rank 0 then stops
+and saves.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,7 +35,7 @@ OPTIONS = (
     ("--master-addr", "HOST", "rank 0's machine (torchrun's static rendezvous)"),
     ("--master-port", "PORT", "rank 0's port (torchrun's static rendezvous)"),
 )
-# The launcher forwards these to the processes; Ctrl-C stays out (see the module's docstring).
+# torchrun passes these on to the processes; Ctrl-C is this command's to pass (see the module's docstring).
 FORWARDED_SIGNALS = "SIGTERM,SIGHUP,SIGQUIT"
 
 
@@ -97,19 +100,32 @@ def torchrun_command(args: argparse.Namespace, argv: list[str]) -> list[str]:
 
 
 def run(cmd: list[str]) -> int:
-    """Run torchrun and return its exit status. This process ignores Ctrl-C (rank 0 handles it, see the
-    module's docstring) and passes SIGTERM and SIGHUP on to torchrun."""
+    """Run torchrun and return its exit status, passing on signals as the module's docstring says."""
+    import psutil
+
     env = dict(os.environ)
     # One OpenMP thread per process unless chosen (torchrun's own default, said here without its banner).
     env.setdefault("OMP_NUM_THREADS", "1")
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by torchrun and its processes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun inherits it: it ignores Ctrl-C
     try:
         proc = subprocess.Popen(cmd, env=env)
 
         def forward(signum: int, frame: Any) -> None:
             proc.send_signal(signum)
 
+        def interrupt(signum: int, frame: Any) -> None:
+            try:
+                workers = psutil.Process(proc.pid).children()
+            except psutil.Error:
+                return
+            if not workers:  # still starting: torchrun ends the job
+                proc.send_signal(signal.SIGTERM)
+            for w in workers:
+                with contextlib.suppress(psutil.Error):
+                    w.send_signal(signal.SIGINT)
+
+        signal.signal(signal.SIGINT, interrupt)
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGHUP, forward)
         return proc.wait()

@@ -400,8 +400,9 @@ def wait_for(path: Path, test, timeout: float) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_cli_on_two_processes_pause_resume_save_eval_sample_stop(tmp_path):
-    """Every command through the run folder's control file; rank 0 alone writes the run folder."""
+def test_cli_on_two_processes_pause_resume_save_eval_sample_then_ctrl_c(tmp_path):
+    """Commands through the run folder's control file, then Ctrl-C to the whole job: stopped and saved,
+    not cancelled. Rank 0 alone writes the run folder and prints."""
     proc = start_cli(
         tmp_path, "train.max_steps=400", "train.lr_scheduler_type=constant", "train.warmup_ratio=0"
     )
@@ -416,7 +417,8 @@ def test_cli_on_two_processes_pause_resume_save_eval_sample_stop(tmp_path):
                   {"cmd": "set", "learning_rate": 1e-3}, {"cmd": "resume"}):  # fmt: skip
             append(control, c)
         wait_for(metrics, lambda ev: any(e["type"] == "step" and e["step"] > paused_at + 1 for e in ev), 60)
-        append(control, {"cmd": "stop"})
+        # Ctrl-C in a terminal: every process of the job gets SIGINT at once. One stop-and-save follows.
+        os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -437,7 +439,9 @@ def test_cli_on_two_processes_pause_resume_save_eval_sample_stop(tmp_path):
     assert {e["learning_rate"] for e in stepped if e["step"] <= paused_at} == {3e-3}
     assert (tmp_path / "r" / "checkpoints" / checkpoint.step_dir_name(paused_at)).is_dir()
     assert (tmp_path / "r" / "final" / "adapter_model.safetensors").is_file()
-    assert "stopped at step" in out and "[rank 1]" not in out
+    assert out.count("interrupt: stopping after this step and saving") == 1 and "[rank 1]" not in out
+    assert f"stopped at step {ev[-1]['step']}" in out
+    assert (tmp_path / "r" / "checkpoints" / checkpoint.step_dir_name(ev[-1]["step"])).is_dir()
 
 
 def worker_pids(proc: subprocess.Popen) -> dict[int, int]:
