@@ -2,8 +2,8 @@
 
 The quick tests check the arithmetic and the launcher's command line in this process. The slow ones
 start real process groups: one torchrun runs the scenarios of ``dist_worker.py`` (the imports are paid
-once), compared with one-process runs made here; the CLI tests start ``tunedeck-train --nproc-per-node 2``
-itself, steer it through its control file and kill one of its processes.
+once), compared with one-process runs made here; the last starts ``tunedeck-train --nproc-per-node 2`` and
+kills one of its processes. (test_follow.py steers such a run through its folder and interrupts it.)
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 from tests.engine.helpers import make_cfg, of, run, steps
 from tunedeck.engine import checkpoint, cli, data, distributed, launch
 from tunedeck.engine import config as config_mod
-from tunedeck.engine.control import append
 from tunedeck.engine.distributed import Dist
 from tunedeck.engine.errors import ConfigError
 from tunedeck.engine.plan import StepPlan
@@ -366,7 +365,7 @@ def test_out_of_memory_in_one_process_ends_the_run_with_its_error(runs):
 # ------------------------------------------------------------------ tunedeck-train --nproc-per-node 2
 
 
-def start_cli(tmp_path: Path, *sets: str, control: Path | None = None) -> subprocess.Popen:
+def start_cli(tmp_path: Path, *sets: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "20"}
     cmd = [
         PY, "-m", "tunedeck.engine.cli", "--nproc-per-node", "2", "--output-dir", str(tmp_path),
@@ -375,8 +374,6 @@ def start_cli(tmp_path: Path, *sets: str, control: Path | None = None) -> subpro
     ]  # fmt: skip
     for s in sets:
         cmd += ["--set", s]
-    if control is not None:
-        cmd += ["--control", str(control)]
     return subprocess.Popen(
         cmd,
         env=env,
@@ -397,51 +394,6 @@ def wait_for(path: Path, test, timeout: float) -> list[dict]:
                 return events
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting on {path}")
-
-
-@pytest.mark.slow
-def test_cli_on_two_processes_pause_resume_save_eval_sample_then_ctrl_c(tmp_path):
-    """Commands through the run folder's control file, then Ctrl-C to the whole job: stopped and saved,
-    not cancelled. Rank 0 alone writes the run folder and prints."""
-    proc = start_cli(
-        tmp_path, "train.max_steps=400", "train.lr_scheduler_type=constant", "train.warmup_ratio=0"
-    )
-    metrics, control = tmp_path / "r" / "metrics.jsonl", tmp_path / "r" / "control.jsonl"
-    try:
-        wait_for(metrics, lambda ev: any(e["type"] == "step" for e in ev), 240)
-        append(control, {"cmd": "pause"})
-        ev = wait_for(metrics, lambda ev: any(e.get("state") == "paused" for e in ev), 60)
-        paused_at = max(e["step"] for e in ev if e["type"] == "step")
-        time.sleep(3)  # paused: no step goes by, and the heartbeats keep the group alive
-        for c in ({"cmd": "eval"}, {"cmd": "save"}, {"cmd": "sample", "prompt": "Hi", "max_new_tokens": 4},
-                  {"cmd": "set", "learning_rate": 1e-3}, {"cmd": "resume"}):  # fmt: skip
-            append(control, c)
-        wait_for(metrics, lambda ev: any(e["type"] == "step" and e["step"] > paused_at + 1 for e in ev), 60)
-        # Ctrl-C in a terminal: every process of the job gets SIGINT at once. One stop-and-save follows.
-        os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out[-3000:]
-    ev = [json.loads(x) for x in metrics.read_text().splitlines()]
-    kinds = [e["type"] for e in ev]
-    assert kinds.count("start") == 1 and kinds.count("end") == 1 and ev[-1]["status"] == "stopped"
-    steps_ = [e["step"] for e in ev if e["type"] == "step"]
-    assert steps_ == list(range(1, len(steps_) + 1))  # one process reports, each step once
-    after = ev[kinds.index("state", next(i for i, e in enumerate(ev) if e.get("state") == "paused")) :]
-    seen = [e for e in after if e["type"] in ("eval", "checkpoint", "sample", "change", "state")][:6]
-    assert [e["type"] for e in seen] == ["state", "eval", "checkpoint", "sample", "change", "state"]
-    assert seen[0]["state"] == "paused" and seen[-1]["state"] == "running"
-    assert all(e["step"] == paused_at for e in seen[1:5])
-    stepped = [e for e in ev if e["type"] == "step"]
-    assert {e["learning_rate"] for e in stepped if e["step"] > paused_at} == {1e-3}
-    assert {e["learning_rate"] for e in stepped if e["step"] <= paused_at} == {3e-3}
-    assert (tmp_path / "r" / "checkpoints" / checkpoint.step_dir_name(paused_at)).is_dir()
-    assert (tmp_path / "r" / "final" / "adapter_model.safetensors").is_file()
-    assert out.count("interrupt: stopping after this step and saving") == 1 and "[rank 1]" not in out
-    assert f"stopped at step {ev[-1]['step']}" in out
-    assert (tmp_path / "r" / "checkpoints" / checkpoint.step_dir_name(ev[-1]["step"])).is_dir()
 
 
 def worker_pids(proc: subprocess.Popen) -> dict[int, int]:
