@@ -38,6 +38,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -441,9 +442,9 @@ class Dist:
                 advice=e.get("advice", ""),
             )
         if _is_comm_error(error):
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             return PeerFailure(
-                f"another process of the run stopped answering (killed, or it crashed without a word): {first}",
+                "another process of the run stopped answering (killed, or it crashed without a word): "
+                + _what_failed(error),
                 kind="internal",
                 advice="torchrun's report names the process and how it ended; resume from the last checkpoint",
             )
@@ -460,6 +461,13 @@ def _is_comm_error(error: BaseException) -> bool:
         s in text
         for s in ("Connection closed by peer", "Connection reset by peer", "NCCL", "gloo", "Broken pipe")
     )
+
+
+def _what_failed(error: BaseException) -> str:
+    """The backend's words, without its source location and its sign-off."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". ")[0].rstrip(".")
 
 
 def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

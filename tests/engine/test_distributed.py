@@ -97,6 +97,21 @@ def test_a_checkpoint_resumes_on_a_count_that_splits_its_micro_batch(tmp_path):
     )
 
 
+def test_a_broken_connection_is_another_process_failing_anything_else_is_ours():
+    d = Dist(rank=0, world_size=2)  # no process group: no store to read the others' errors from
+    gloo = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+        "[127.0.0.1]:23220. This is typically caused by a remote worker crashing. GLHF!"
+    )
+    failure = d.peer_failure(gloo)
+    assert failure is not None and failure.kind == "internal"
+    assert failure.message == (
+        "another process of the run stopped answering (killed, or it crashed without a word): "
+        "Connection closed by peer [127.0.0.1]:23220"
+    )
+    assert d.peer_failure(ValueError("a bug of this process")) is None
+
+
 def test_torchrun_command_line():
     args = cli.parse_args(["my.yaml", "--nproc-per-node", "2", "--set", "train.max_steps=3", "--quiet"])
     assert args.config == "my.yaml" and args.overrides == ["train.max_steps=3"]
