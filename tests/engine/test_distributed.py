@@ -32,10 +32,13 @@ from tunedeck.engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
-# Equal "within fp32": the processes sum the same terms in another order. SGD_ATOL after 4 SGD steps;
-# ADAM_ATOL after Adam's steps, whose updates are about the learning rate (1e-3) in size.
+# Equal "within fp32": the processes sum the same terms in another order. Measured here: 4e-8 after the
+# 4 SGD steps (as between one process at batch 8 x 1 and at 4 x 2); 4e-5 after the live changes and 3
+# Adam steps, which turn a rounding difference in a near-zero gradient into a step of up to the learning
+# rate (1e-3); 2e-6 after a resume on another count (the last 2 or 3 steps).
 SGD_ATOL = 1e-6
 ADAM_ATOL = 1e-4
+RESUME_ATOL = 2e-5
 
 # ------------------------------------------------------------------ in this process
 
@@ -327,7 +330,9 @@ def test_checkpoint_of_two_processes_resumes_on_one(runs, name, tmp_path):
             two[s]["loss"], abs=1e-4
         )
     assert sorted(steps(events)) == [5, 6, 7]
-    assert max_diff(adapter(t.run_dir / "final"), adapter(Path(runs.events(name)[-1]["output"]))) < ADAM_ATOL
+    assert (
+        max_diff(adapter(t.run_dir / "final"), adapter(Path(runs.events(name)[-1]["output"]))) < RESUME_ATOL
+    )
 
 
 @pytest.mark.slow
@@ -343,7 +348,7 @@ def test_checkpoint_of_one_process_resumes_on_two(runs, name):
     for s, e in got.items():
         assert e["learning_rate"] == ref_steps[s].learning_rate
         assert e["loss"] == pytest.approx(ref_steps[s].loss, abs=1e-4)
-    assert max_diff(adapter(Path(ev[-1]["output"])), adapter(ref.run_dir / "final")) < ADAM_ATOL
+    assert max_diff(adapter(Path(ev[-1]["output"])), adapter(ref.run_dir / "final")) < RESUME_ATOL
 
 
 @pytest.mark.slow
