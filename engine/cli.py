@@ -228,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     except TunedeckError as e:
         print(f"tunedeck-train: error: {e.one_line()}", file=sys.stderr)
         return 2
+    except Exception as e:  # the others never came, or the rendezvous failed: torch says why
+        print(
+            f"tunedeck-train: error: could not join the other processes: {type(e).__name__}: {e}",
+            file=sys.stderr,
+        )
+        return 1
     if not dist.enabled:
         return _run(args, cfg, None)
     code = _run(args, cfg, dist)

@@ -326,7 +326,12 @@ class Dist:
         options = StateDictOptions(
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
         )
-        return get_model_state_dict(model, options=options)
+        state = get_model_state_dict(model, options=options)
+        # A tied weight (the head sharing the embeddings) is gathered under each name; the one-process
+        # file has it once, as save_pretrained writes it from the model itself.
+        once = {n for n, _ in model.named_parameters()}
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - once
+        return {k: v for k, v in state.items() if k not in tied}
 
     def optimizer_state(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer

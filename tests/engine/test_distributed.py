@@ -234,6 +234,8 @@ def runs(tmp_path_factory) -> Runs:
         {"name": "one_to_two_fsdp", "resume_from": str(one_ckpt), "resume_set": ["train.distributed=fsdp"], "at": resumed_live},
         {"name": "dropout", "cfg": {"train__max_steps": 6, "train__save_steps": 3, "lora__dropout": 0.1, **TWO_BY_TWO}},
         {"name": "dropout_resumed", "resume_from": str(root / "dropout" / "runs" / "run" / "checkpoints" / "step-000003")},
+        {"name": "full_fsdp", "cfg": {"train__max_steps": 3, "train__save_steps": 2, "lora__enabled": False,
+                                      "train__distributed": "fsdp", **TWO_BY_TWO}},
         {"name": "cancel", "cfg": {"train__max_steps": 6, **TWO_BY_TWO}, "at": {2: [{"cmd": "cancel"}]}},
         {"name": "oom", "cfg": {"train__max_steps": 6, **TWO_BY_TWO}, "oom_rank": 1, "oom_step": 3},
     ]  # fmt: skip
@@ -362,6 +364,22 @@ def test_each_process_has_its_dropout_stream_and_a_resume_restores_each(runs):
     assert runs.rank("dropout_resumed", 1)["rng"] == runs.rank("dropout", 1)["rng"]
     f, g = runs.params("dropout", 1), runs.params("dropout_resumed", 1)
     assert all(torch.equal(f[k], g[k]) for k in f)
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_under_fsdp_saves_the_one_process_file_and_resumes_on_one(runs, tmp_path):
+    ev = runs.events("full_fsdp")
+    ckpt = runs.root / "full_fsdp" / "runs" / "run" / "checkpoints" / "step-000002"
+    events, t = run(None, resume_from=Path(shutil.copytree(ckpt, tmp_path / "start")))
+    mine, theirs = (
+        load_file(t.run_dir / "final" / "model.safetensors"),
+        load_file(Path(ev[-1]["output"]) / "model.safetensors"),
+    )
+    # The tied head is written once, as save_pretrained writes it in one process.
+    assert sorted(mine) == sorted(theirs) and "lm_head.weight" not in theirs
+    assert max_diff(mine, theirs) < SGD_ATOL
+    (three,) = [e for e in ev if e["type"] == "step" and e["step"] == 3]
+    assert steps(events)[3].loss == pytest.approx(three["loss"], abs=1e-6)
 
 
 @pytest.mark.slow
