@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +103,17 @@ def read_config(folder: Path) -> Config:
     return config_mod.load(folder / "config.yaml")
 
 
+# What a checkpoint must hold to be resumed exactly (besides its weights), checked before anything loads.
+RESUME_FILES = ("config.yaml", STATE_FILE, "optimizer.pt", "rng_state.pt")
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
+
+
 def read_state(folder: Path) -> tuple[Config, dict[str, Any]]:
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"checkpoint {folder} does not exist", "give a folder such as runs/<run>/checkpoints/step-000200"
+        )
     if not (folder / STATE_FILE).is_file():
         raise ConfigError(
             f"{folder} is not a Tunedeck checkpoint (no {STATE_FILE})",
@@ -115,17 +124,39 @@ def read_state(folder: Path) -> tuple[Config, dict[str, Any]]:
             f"{folder} holds weights but no optimizer state, so it cannot be resumed exactly",
             "resume from a folder under checkpoints/",
         )
+    missing = [n for n in RESUME_FILES if not (folder / n).is_file()]
+    if not any((folder / n).is_file() for n in WEIGHT_FILES):
+        missing.append(" or ".join(WEIGHT_FILES))
+    if missing:
+        raise ConfigError(
+            f"checkpoint {folder} is incomplete (no {', '.join(missing)}), so it cannot be resumed",
+            "resume from another checkpoint of the run",
+        )
     cfg = config_mod.load(folder / "config.yaml")
-    return cfg, json.loads((folder / STATE_FILE).read_text())
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(
+            f"checkpoint {folder} is damaged: {STATE_FILE} is not JSON", "resume from another checkpoint"
+        ) from None
+    return cfg, state
 
 
 @dataclass(frozen=True)
 class Resumed:
-    """A checkpoint opened to resume from: its folder, its config and its trainer state."""
+    """A checkpoint opened to resume from: its folder, its config and its trainer state. ``apply``: live
+    values given anew, applied at the resume step; ``setup``: other accepted differences of the config
+    (``{dotted key: [old, new]}``), recorded with them (see :mod:`tunedeck.engine.resume`)."""
 
     folder: Path
     cfg: Config
     state: dict[str, Any]
+    apply: dict[str, Any] = field(default_factory=dict)
+    setup: dict[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", 0))
 
 
 def open_resume(folder: str | Path) -> Resumed:
@@ -176,13 +207,14 @@ def load_rng(folder: Path) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def prune(checkpoints: Path, keep: int) -> None:
-    """Keep the ``keep`` newest step folders (0 keeps all)."""
+def prune(checkpoints: Path, keep: int, protect: set[str] | frozenset[str] = frozenset()) -> None:
+    """Keep the ``keep`` newest step folders (0 keeps all), and those named in ``protect``."""
     if keep <= 0 or not checkpoints.is_dir():
         return
     steps = sorted(p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in protect:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

@@ -33,6 +33,7 @@ from tunedeck.engine.protocol import (
     EvalEvent,
     Event,
     ProgressEvent,
+    RollbackEvent,
     SampleEvent,
     StartEvent,
     StateEvent,
@@ -79,12 +80,12 @@ def build_config(args: argparse.Namespace) -> config_mod.Config:
     if args.resume:
         from tunedeck.engine import checkpoint
 
-        cfg, _ = checkpoint.read_state(Path(args.resume))
         if args.config:
             raise ConfigError(
                 "give either a config or --resume, not both",
                 "a resumed run uses the config stored in its checkpoint; change it with --set",
             )
+        cfg, _ = checkpoint.read_state(Path(args.resume))
     else:
         cfg = config_mod.load(args.config or DEMO_PRESET)
     overrides = list(args.overrides)
@@ -138,7 +139,12 @@ class Printer:
                 self._progress(e)
             case ChangeEvent():
                 text = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in e.changes.items())
-                self.say(f"change after step {e.step} ({e.source}): {text}")
+                who = f"{e.source} {e.rule}" if e.rule else e.source
+                why = f"; {e.reason}" if e.reason else ""
+                self.say(f"change after step {e.step} ({who}): {text}{why}")
+            case RollbackEvent():
+                kept = f"; steps {e.to_step + 1}-{e.from_step} kept as branch {e.branch}" if e.branch else ""
+                self.say(f"rollback from step {e.from_step} to {e.checkpoint} (step {e.to_step}){kept}")
             case EvalEvent():
                 self.say(f"eval at step {e.step}: eval_loss {e.eval_loss:.4f} perplexity {e.perplexity:.2f}")
             case CheckpointEvent():
@@ -155,6 +161,8 @@ class Printer:
             f"trainable, {m.get('dtype')} on {m.get('device')}; {d.get('train_examples')} train / "
             f"{d.get('eval_examples')} eval examples; {e.total_steps} steps -> {e.run_dir}"
         )
+        if e.parent:
+            self.say(f"resumed from {e.resumed_from} into a new run folder; its parent run: {e.parent}")
         for line in (e.fast_paths(), e.compile_note()):
             if line:
                 self.say(line)
@@ -216,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         if torchrun and (problem := launch.check(args.launch)):
             raise ConfigError(problem, "see tunedeck-train --help")
         cfg = build_config(args)
+        if args.resume:  # what cannot change on resume is refused here, before anything loads
+            from tunedeck.engine import resume
+
+            resume.prepare(args.resume, cfg)
         world = launch.world_size(args.launch) if torchrun else distributed.launched_world_size()
         preflight(cfg, world)
     except TunedeckError as e:

@@ -220,6 +220,13 @@ class TrainConfig:
         "aot_eager only traces (a quick check that the model compiles).",
         COMPILE_BACKENDS,
     )
+    autopilot: list = _f(
+        [],
+        "Rules that watch the run and act through the same commands you could send: loss_spike and "
+        "nonfinite roll back to a checkpoint and lower the learning rate, early_stopping stops on the best "
+        "eval, plateau lowers the learning rate. A list, e.g. [{rule: loss_spike, ratio: 2.0}]. Live: "
+        "switch rules on and off.",
+    )
     torch_compile_mode: str = _f(
         "default",
         "inductor's mode when torch_compile is on: reduce-overhead adds CUDA graphs (fixed shapes "
@@ -390,6 +397,11 @@ def validate_value(section: str, key: str, value: Any) -> Any:
     if where in checks:
         ok, allowed = checks[where]
         _range(where, value, ok(value), allowed)
+    if where == "train.autopilot":
+        # Imported here: autopilot builds protocol commands, and protocol imports this module.
+        from tunedeck.engine.autopilot import check_rules
+
+        return check_rules(value)
     if where == "lora.target_modules":
         if isinstance(value, str):
             value = value.strip()

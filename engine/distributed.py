@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -288,6 +289,13 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
         return bool(t.item())
 
+    def barrier(self) -> None:
+        """Every process waits for the others here (through the gloo group: no device sync)."""
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier(group=self._control)
+
     def any_of(self, check: Callable[[], bool]) -> Callable[[], bool]:
         return check if not self.enabled else (lambda: self.any(check()))
 
@@ -353,6 +361,30 @@ class Dist:
                 {**g, "params": [index[name] for name in g["params"]]} for g in by_name["param_groups"]
             ],
         }
+
+    def load_weights(self, model: torch.nn.Module, folder: Path) -> None:
+        """Under FSDP2, a checkpoint's weights (every process read the same file) into the shards of
+        this process: an adapter's names get the adapter's name back, as peft loads them."""
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        adapter, full = folder / "adapter_model.safetensors", folder / "model.safetensors"
+        if not adapter.is_file() and not full.is_file():
+            raise ConfigError(f"{folder} holds no weights", "give a complete checkpoint folder")
+        saved: dict[str, Any] = load_file(adapter if adapter.is_file() else full)
+        names = {n for n, _ in model.named_parameters()}
+        if adapter.is_file():  # peft writes "...lora_A.weight" for the parameter "...lora_A.default.weight"
+            by_saved = {_without_adapter(n): n for n in names}
+            unknown = sorted(k for k in saved if k not in by_saved)
+            if unknown:
+                raise ConfigError(
+                    f"the adapter in {folder} does not fit this model ({unknown[0]})",
+                    "resume with the model the checkpoint was made with",
+                )
+            saved = {by_saved[k]: v for k, v in saved.items()}
+        else:
+            saved = {k: v for k, v in saved.items() if k in names}
+        set_model_state_dict(model, saved, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def load_optimizer(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
@@ -466,6 +498,11 @@ def _is_comm_error(error: BaseException) -> bool:
         s in text
         for s in ("Connection closed by peer", "Connection reset by peer", "NCCL", "gloo", "Broken pipe")
     )
+
+
+def _without_adapter(name: str) -> str:
+    """A peft parameter's name as its adapter file names it (the adapter's name dropped)."""
+    return re.sub(r"\.(lora_[A-Za-z_]+)\.[^.]+(\.|$)", r".\1\2", name)
 
 
 def _what_failed(error: BaseException) -> str:

@@ -98,6 +98,23 @@ class Sample(Command):
 
 
 @dataclass(frozen=True)
+class Rollback(Command):
+    """Go back to a checkpoint of this run in memory and go on from there; the steps after it are kept
+    as a branch. ``checkpoint``: a folder name under ``checkpoints/`` (``step-000200``) or ``latest``;
+    ``values``: live values to apply at the restored step (JSON: ``"set": {...}``)."""
+
+    name: ClassVar[str] = "rollback"
+    checkpoint: str = "latest"
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"cmd": "rollback", "checkpoint": self.checkpoint}
+        if self.values:
+            out["set"] = dict(self.values)
+        return out
+
+
+@dataclass(frozen=True)
 class Stop(Command):
     """Finish the current step, save, end."""
 
@@ -112,7 +129,7 @@ class Cancel(Command):
 
 
 COMMANDS: dict[str, type[Command]] = {
-    c.name: c for c in (Set, Pause, Resume, Save, Eval, Sample, Stop, Cancel)
+    c.name: c for c in (Set, Pause, Resume, Save, Eval, Sample, Rollback, Stop, Cancel)
 }
 
 
@@ -131,6 +148,8 @@ def command_from_dict(data: dict[str, Any]) -> Command:
         if not rest:
             raise ConfigError("set names no hyperparameter", f"live-changeable: {', '.join(LIVE_KEYS)}")
         return Set(values=rest)
+    if name == "rollback":
+        return _rollback_from(rest)
     cls = COMMANDS[name]
     allowed = {f.name for f in dataclasses.fields(cls)}
     extra = set(rest) - allowed
@@ -158,6 +177,25 @@ def command_from_dict(data: dict[str, Any]) -> Command:
     return cls(**rest)
 
 
+def _rollback_from(rest: dict[str, Any]) -> Rollback:
+    example = '{"cmd": "rollback", "checkpoint": "step-000200", "set": {"learning_rate": 5e-5}}'
+    extra = set(rest) - {"checkpoint", "set"}
+    if extra:
+        raise ConfigError(f"command 'rollback' takes no {', '.join(sorted(extra))}", f"e.g. {example}")
+    target = rest.get("checkpoint", "latest")
+    if isinstance(target, int) and not isinstance(target, bool):
+        target = f"step-{target:06d}"
+    if not isinstance(target, str) or not target.strip():
+        raise ConfigError(
+            f"rollback checkpoint={target!r} is not a checkpoint name",
+            f"give a name or latest, e.g. {example}",
+        )
+    values = rest.get("set", {})
+    if not isinstance(values, dict):
+        raise ConfigError(f"rollback set={values!r} is not a mapping of live values", f"e.g. {example}")
+    return Rollback(checkpoint=target.strip(), values=dict(values))
+
+
 # ---------------------------------------------------------------- events
 
 
@@ -182,6 +220,7 @@ class StartEvent(Event):
     resumed_from: str | None = None
     step: int = 0  # the step the run starts from (above 0 when resumed)
     changes: list[dict[str, Any]] = field(default_factory=list)  # change log carried over on resume
+    parent: str | None = None  # the run folder this one was resumed from, when it is a new folder
 
     def fast_paths(self) -> str:
         """One line on how this run computes: attention, optimizer, Liger ("" when the engine said nothing)."""
@@ -253,7 +292,21 @@ class ChangeEvent(Event):
     type: ClassVar[str] = "change"
     step: int = 0
     changes: dict[str, list[Any]] = field(default_factory=dict)
-    source: str = "user"  # user | auto
+    source: str = "user"  # user | auto | resume | autopilot
+    reason: str = ""  # why an automatic change was made (auto, autopilot)
+    rule: str = ""  # the autopilot rule that made it
+
+
+@dataclass(frozen=True)
+class RollbackEvent(Event):
+    """The run went back from ``from_step`` to the checkpoint ``checkpoint`` (at ``to_step``); the steps
+    in between are kept as branch ``branch`` (``<run>/branches/<branch>/``), None when none were left."""
+
+    type: ClassVar[str] = "rollback"
+    from_step: int = 0
+    to_step: int = 0
+    checkpoint: str = ""
+    branch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -316,6 +369,7 @@ EVENTS: dict[str, type[Event]] = {
         SystemEvent,
         EvalEvent,
         ChangeEvent,
+        RollbackEvent,
         SampleEvent,
         CheckpointEvent,
         ProgressEvent,

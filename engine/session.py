@@ -159,13 +159,16 @@ class TrainingSession:
     def _main(self) -> None:
         import torch
 
-        from tunedeck.engine import checkpoint
+        from tunedeck.engine import resume as resume_mod
         from tunedeck.engine.trainer import Trainer
 
         monitor = None
         try:
-            resume = checkpoint.open_resume(self.resume_from) if self.resume_from is not None else None
-            config = self.config if self.config is not None else resume.cfg  # type: ignore[union-attr]
+            resume = None
+            config = self.config
+            if self.resume_from is not None:  # refused differences end here, before anything loads
+                config, resume = resume_mod.prepare(self.resume_from, self.config)
+            assert config is not None
             self._trainer = Trainer(
                 config,
                 self._emit,

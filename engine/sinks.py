@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from tunedeck.engine.protocol import EvalEvent, Event, StartEvent, StepEvent
+from tunedeck.engine.protocol import EvalEvent, Event, RollbackEvent, StartEvent, StepEvent
 
 
 class EventSink(Protocol):
@@ -39,7 +39,9 @@ class TensorBoardSink:
     """Scalars in ``<run>/tensorboard/``, named as HF Trainer names them (``train/loss``, ``eval/loss``).
 
     Opened at the ``start`` event, the one that knows the step a resume begins at: a resumed run's
-    writer is opened with ``purge_step``, TensorBoard's way of dropping the steps the run redoes.
+    writer is opened with ``purge_step``, TensorBoard's way of dropping the steps the run redoes. A
+    rollback reopens it the same way: TensorBoard shows the trajectory the run is on (metrics.jsonl
+    keeps the abandoned branches too).
     """
 
     STEP_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_s", "mem_allocated_mb")
@@ -63,6 +65,13 @@ class TensorBoardSink:
 
                 purge = step + 1 if resumed else None
                 self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge)
+            case RollbackEvent(to_step=to_step) if self._writer is not None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer.close()
+                self._writer = SummaryWriter(
+                    log_dir=str(self.run_dir / "tensorboard"), purge_step=to_step + 1
+                )
             case StepEvent() if self._writer is not None:
                 for key in self.STEP_KEYS:
                     value = getattr(event, key)

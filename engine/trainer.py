@@ -28,6 +28,7 @@ import torch
 
 from tunedeck.engine import (
     attention,
+    autopilot,
     checkpoint,
     data,
     distributed,
@@ -39,6 +40,8 @@ from tunedeck.engine import (
 )
 from tunedeck.engine import config as config_mod
 from tunedeck.engine import model as model_mod
+from tunedeck.engine import resume as resume_mod
+from tunedeck.engine import rollback as rollback_mod
 from tunedeck.engine.config import LIVE_KEYS, Config, validate_value
 from tunedeck.engine.distributed import Dist
 from tunedeck.engine.errors import ConfigError, TunedeckError
@@ -57,6 +60,8 @@ from tunedeck.engine.protocol import (
     Pause,
     ProgressEvent,
     Resume,
+    Rollback,
+    RollbackEvent,
     Sample,
     SampleEvent,
     Save,
@@ -112,6 +117,8 @@ class Trainer:
         self.compiled: str | None = None
         self._order_epoch = -1
         self._order_cache: list[int] = []
+        self.autopilot = autopilot.Autopilot(cfg.train.autopilot)
+        self.parent: str | None = None  # the run this one was resumed from, in a new folder
 
     @property
     def step(self) -> int:
@@ -170,6 +177,8 @@ class Trainer:
             self._compile()
         self._open_run_dir()
         self.emit(self._start_event())
+        if self.resume is not None:
+            self._apply_resumed_values(self.resume)
 
     def _setup_model(self) -> None:
         self.emit(ProgressEvent(stage="model", done=0, total=1))
@@ -204,10 +213,8 @@ class Trainer:
             )
 
     def _distribute(self) -> None:
-        """The module a training step calls (DDP's wrapper; the model itself in one process or under
-        FSDP2). FSDP2 shards the weights in place, so a resume's weights go in before."""
-        if self.resume is not None and self.dist.shards:
-            checkpoint.load_weights(self.model, self.resume.folder)
+        """The module a training step calls: DDP's wrapper, or the model itself (in one process, or
+        sharded in place by FSDP2)."""
         self.train_model = self.dist.wrap(self.model)
 
     def _setup_optimizer(self, total_steps: int) -> None:
@@ -225,11 +232,16 @@ class Trainer:
             t.lr_scheduler_type, t.learning_rate, total_steps, warmup, t.lr_scheduler_kwargs
         )
 
-    def _restore(self, resume: checkpoint.Resumed) -> None:
-        """Weights, optimizer, schedule, data position, change log and RNG, as the checkpoint left them."""
+    def _restore(self, resume: checkpoint.Resumed, rewind: bool = False) -> None:
+        """Weights, optimizer, schedule, data position, change log and RNG, as the checkpoint left them.
+        ``rewind`` (a rollback in a running trainer): also the live values and optimizer type the run
+        had then; the elapsed time and the autopilot's firing counts go on."""
         assert self.plan is not None
         state = resume.state
+        if rewind:
+            self._rewind_live_values(resume.cfg.train)
         if self.dist.shards:
+            self.dist.load_weights(self.model, resume.folder)
             self.dist.load_optimizer(self.model, self.optimizer, checkpoint.read_optimizer(resume.folder))
         else:
             checkpoint.load_weights(self.model, resume.folder)
@@ -240,7 +252,9 @@ class Trainer:
         else:
             self.plan = StepPlan.from_micro_count(self.plan, state)
         self.change_log = list(state.get("change_log", []))
-        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        if not rewind:
+            self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.autopilot.load_state_dict(state.get("autopilot", {}), keep_counts=rewind)
         self.last_lr = self.schedule.last_lr()
         if self.dist.enabled:
             self.dist.restore_rng(checkpoint.read_rng(resume.folder), self.cfg.train.seed)
@@ -276,6 +290,28 @@ class Trainer:
             )
             t.per_device_train_batch_size = total // n
 
+    def _rewind_live_values(self, then: config_mod.TrainConfig) -> None:
+        t = self.cfg.train
+        if then.optim != t.optim:  # a fresh optimizer of the checkpoint's kind, to load its state into
+            self.optimizer = optim.build(
+                optim.actual_name(then.optim, self.device),
+                optim.param_groups(self.model.named_parameters(), then.weight_decay),
+                then,
+                then.learning_rate,
+            )
+        for key in resume_mod.live_keys():
+            setattr(t, key, getattr(then, key))
+        self.autopilot.configure(t.autopilot)
+
+    def _apply_resumed_values(self, resume: checkpoint.Resumed) -> None:
+        """Values given anew on resume, applied at the resume step as one change with source resume."""
+        if not resume.apply and not resume.setup:
+            return
+        changes, auto = self._set_checked(self._check_set(resume.apply))
+        self._record({**changes, **resume.setup}, "resume")
+        if auto:
+            self._record(auto, "auto")
+
     def _compile(self) -> None:
         """torch.compile the model in place (``Module.compile``), so parameter names, checkpoints,
         ``generate`` and live changes see the same module as without it."""
@@ -302,10 +338,13 @@ class Trainer:
         self.run_dir = self.dist.from_main(self.run_dir)
 
     def _make_run_dir(self) -> None:
-        if self.resume is not None and self.resume.folder.parent.name == "checkpoints":
-            self.run_dir = self.resume.folder.parent.parent
+        home = resume_mod.home(self.resume, self.cfg.train) if self.resume is not None else None
+        if home is not None:
+            self.run_dir = home
         else:
             root = Path(self.cfg.train.output_dir)
+            if self.resume is not None:  # a new folder for a resume: beside its parent unless told where
+                root = resume_mod.output_root(self.resume, self.cfg.train)
             name = self.cfg.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
             run_dir, n = root / name, 1
             while run_dir.exists():
@@ -313,6 +352,8 @@ class Trainer:
                 run_dir = root / f"{name}-{n}"
             self.run_dir = run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume is not None and home is None:
+            self.parent = resume_mod.write_parent(self.run_dir, self.resume)
         config_mod.save(self.cfg, self.run_dir / "config.yaml")
         if self.on_run_dir is not None:
             self.on_run_dir(self.run_dir)
@@ -336,6 +377,7 @@ class Trainer:
             resumed_from=str(self.resume.folder) if self.resume else None,
             changes=list(self.change_log),
             step=self.step,
+            parent=self.parent,
         )
 
     @contextlib.contextmanager
@@ -351,32 +393,32 @@ class Trainer:
 
     def train(self) -> str:
         t = self.cfg.train
-        plan = self.plan
-        assert plan is not None
+        assert self.plan is not None
         self._set_state("running")
         self.model.train()
         self.t0 = time.perf_counter()
-        start_step = plan.step
-        while not plan.done:
+        start_step = self.plan.step
+        while True:
+            # After the last step this boundary still answers commands; a rollback there trains on.
             verdict = self._boundary()
-            if verdict is not None:
-                return self._finish(verdict)
+            if verdict is not None or self.plan.done:
+                return self._finish(verdict or "completed")
+            plan = self.plan  # a rollback at the boundary replaces it
             began = time.perf_counter()
             loss, grad_norm, tokens = self._optimizer_step()
             if loss is None:
-                continue  # non-finite: the run was paused, nothing was updated
+                continue  # non-finite: paused (or the autopilot acts), nothing was updated
             # The loss read inside the step synchronised the device, so this is the step's true time.
             step_time = time.perf_counter() - began
             first = plan.step == start_step + 1
             self.step_time_ema = step_time if first else 0.9 * self.step_time_ema + 0.1 * step_time
             if plan.step % t.logging_steps == 0 or plan.done:
                 self._emit_step(loss, grad_norm, tokens, step_time)
+            self.autopilot.observe_step(plan.step, loss)
             if t.eval_steps and plan.step % t.eval_steps == 0 and len(self.eval_examples):
                 self.evaluate()
             if t.save_steps and plan.step % t.save_steps == 0 and not plan.done:
                 self.save_checkpoint()
-        # Commands that arrived during the last step still get their answer.
-        return self._finish(self._boundary() or "completed")
 
     def _order(self, epoch: int) -> list[int]:
         """Epoch ``epoch``'s shuffled order of the training examples."""
@@ -440,6 +482,16 @@ class Trainer:
             loss, norm = torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device)]).tolist()
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
+            if self.autopilot.nonfinite(self.step + 1, loss, norm):
+                self.emit(
+                    WarningEvent(
+                        message=f"loss {loss} / grad norm {norm} at step {self.step + 1} is not finite; "
+                        "the batch is skipped and the autopilot acts on it",
+                        kind="nan",
+                        advice="",
+                    )
+                )
+                return None, None, tokens
             self.emit(
                 WarningEvent(
                     message=f"loss {loss} / grad norm {norm} at step {self.step + 1} is not finite; "
@@ -485,7 +537,11 @@ class Trainer:
     # ------------------------------------------------------------ commands
 
     def _boundary(self) -> str | None:
-        """Apply queued commands; block while paused. Returns 'stopped'/'cancelled' to end the loop."""
+        """Apply the autopilot's firings, then queued commands; block while paused. Returns
+        'stopped'/'cancelled' to end the loop."""
+        verdict = self._autopilot_boundary()
+        if verdict is not None:
+            return verdict
         if self.dist.enabled:
             return self._shared_boundary()
         while True:
@@ -548,6 +604,8 @@ class Trainer:
                     self._set_state("running")
                 case Set(values=values):
                     self.apply_set(values)
+                case Rollback():
+                    self.rollback(cmd.checkpoint, cmd.values)
                 case Save():
                     self.save_checkpoint()
                 case Eval():
@@ -565,12 +623,26 @@ class Trainer:
             self.emit(ErrorEvent(message=e.message, kind=e.kind, advice=e.advice))
         return None
 
-    def apply_set(self, values: dict[str, Any], source: str = "user") -> None:
+    def apply_set(
+        self, values: dict[str, Any], source: str = "user", rule: str = "", reason: str = ""
+    ) -> None:
         """Validate all values first, then apply all: a refused set changes nothing."""
-        assert self.plan is not None
-        t = self.cfg.train
+        changes, auto = self._set_checked(self._check_set(values))
+        if changes:
+            self._record(changes, source, rule, reason)
+        if auto:
+            self._record(auto, "auto")
+
+    def _check_set(
+        self, values: dict[str, Any], against: config_mod.TrainConfig | None = None
+    ) -> dict[str, Any]:
+        """The values validated (``against``: the live values they will meet, when not the current ones)."""
+        t = against or self.cfg.train
         checked: dict[str, Any] = {}
         for key, raw in values.items():
+            if key == autopilot.KEY:
+                checked[key] = autopilot.updated(t.autopilot, raw)
+                continue
             if key not in LIVE_KEYS:
                 raise ConfigError(
                     f"{key} cannot be changed while a run goes", f"live-changeable: {', '.join(LIVE_KEYS)}"
@@ -578,10 +650,16 @@ class Trainer:
             checked[key] = validate_value("train", key, raw)
         if "optim" in checked:
             optim.check_available(checked["optim"])
+        return checked
+
+    def _set_checked(self, checked: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+        """Apply checked live values; returns the changes and the automatic changes they caused."""
+        assert self.plan is not None
+        t = self.cfg.train
         changes = {k: [getattr(t, k), v] for k, v in checked.items() if getattr(t, k) != v}
-        if not changes:
-            return
         auto: dict[str, list[Any]] = {}
+        if not changes:
+            return changes, auto
         if "learning_rate" in changes:
             self.schedule.set_base_lr(checked["learning_rate"])
         if "lr_scheduler_type" in changes:
@@ -595,9 +673,9 @@ class Trainer:
             optim.set_weight_decay(self.optimizer, checked["weight_decay"])
         for k, v in checked.items():
             setattr(t, k, v)
-        self._record(changes, source)
-        if auto:
-            self._record(auto, "auto")
+        if autopilot.KEY in changes:
+            self.autopilot.configure(t.autopilot)
+        return changes, auto
 
     def _swap_optimizer(self, old: str, new: str, weight_decay: float) -> None:
         actual = optim.actual_name
@@ -614,9 +692,94 @@ class Trainer:
                 )
             )
 
-    def _record(self, changes: dict[str, list[Any]], source: str) -> None:
-        self.change_log.append({"step": self.step, "changes": changes, "source": source})
-        self.emit(ChangeEvent(step=self.step, changes=changes, source=source))
+    def _record(self, changes: dict[str, list[Any]], source: str, rule: str = "", reason: str = "") -> None:
+        entry: dict[str, Any] = {"step": self.step, "changes": changes, "source": source}
+        entry.update({k: v for k, v in (("rule", rule), ("reason", reason)) if v})
+        self.change_log.append(entry)
+        self.emit(ChangeEvent(step=self.step, changes=changes, source=source, rule=rule, reason=reason))
+
+    # ------------------------------------------------------------ rollback and autopilot
+
+    def rollback(
+        self, name: str, values: dict[str, Any], source: str = "user", rule: str = "", reason: str = ""
+    ) -> None:
+        """Back to a checkpoint of this run, in memory, then ``values`` at that step; recorded as one
+        change (``step`` from -> to, and the values)."""
+        changes, auto = self._rollback(name, values)
+        self._record(changes, source, rule, reason)
+        if auto:
+            self._record(auto, "auto")
+
+    def _rollback(
+        self, name: str, values: dict[str, Any]
+    ) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+        assert self.run_dir is not None
+        folder = rollback_mod.resolve(self.run_dir, name, self.step)
+        resumed = checkpoint.open_resume(folder)
+        # Checked as a resume checks them, against the checkpoint's values, before anything is restored.
+        checked = self._check_set(resume_mod.rollback_values(resumed.cfg, values), resumed.cfg.train)
+        from_step = self.step
+        self._restore(resumed, rewind=True)
+        branch = (
+            rollback_mod.open_branch(self.run_dir, from_step, self.step, folder.name)
+            if self.dist.is_main
+            else None
+        )
+        self.dist.barrier()  # on several processes the others go on with the run folder as rank 0 left it
+        self.emit(
+            RollbackEvent(from_step=from_step, to_step=self.step, checkpoint=folder.name, branch=branch)
+        )
+        changes, auto = self._set_checked(checked)
+        return {"step": [from_step, self.step], **changes}, auto
+
+    def _autopilot_boundary(self) -> str | None:
+        """Apply what the autopilot's rules decided since the last boundary, each firing as one change."""
+        for note in self.autopilot.notes:
+            self.emit(
+                WarningEvent(message=note, kind="config", advice="raise its max_firings to let it act again")
+            )
+        self.autopilot.notes.clear()
+        if not self.autopilot.pending() or self.run_dir is None:
+            return None
+        ctx = autopilot.Context.of_run(self.step, self.run_dir, self.cfg.train.learning_rate)
+        for firing in self.autopilot.decide(ctx):
+            try:
+                verdict = self._fire(firing)
+            except TunedeckError as e:
+                self.emit(
+                    ErrorEvent(message=f"autopilot {firing.rule}: {e.message}", kind=e.kind, advice=e.advice)
+                )
+                continue
+            if verdict is not None:
+                return verdict
+        return None
+
+    def _fire(self, firing: autopilot.Firing) -> str | None:
+        changes: dict[str, list[Any]] = {}
+        auto: dict[str, list[Any]] = {}
+        verdict = None
+        for cmd in firing.commands:
+            match cmd:
+                case Rollback():
+                    done, caused = self._rollback(cmd.checkpoint, cmd.values)
+                    changes.update(done)
+                    auto.update(caused)
+                case Set(values=values):
+                    done, caused = self._set_checked(self._check_set(values))
+                    changes.update(done)
+                    auto.update(caused)
+                case Save():
+                    assert self.run_dir is not None
+                    if not (self.run_dir / "checkpoints" / checkpoint.step_dir_name(self.step)).is_dir():
+                        self.save_checkpoint()
+                case Stop():
+                    changes["state"] = [self.state, "stopping"]
+                    verdict = "stopped"
+        if firing.record:
+            self._record(changes, "autopilot", firing.rule, firing.reason)
+        if auto:
+            self._record(auto, "auto")
+        return verdict
 
     # ------------------------------------------------------------ eval / sample / save
 
@@ -645,6 +808,7 @@ class Trainer:
                 total += self.model(**self._to_device(b), num_items_in_batch=n_targets).loss.float()
         loss = self.dist.sum(total)
         self.model.train(was_training)
+        self.autopilot.observe_eval(self.step, loss)
         self.emit(EvalEvent(step=self.step, eval_loss=loss, perplexity=math.exp(min(loss, 50.0))))
         return loss
 
@@ -684,6 +848,7 @@ class Trainer:
             "elapsed_s": self.elapsed_before + time.perf_counter() - t0,
             "run_id": self.run_dir.name if self.run_dir else None,
             "data_format": self.data_format,
+            "autopilot": self.autopilot.state_dict(),
             "world_size": self.dist.world_size,
         }
 
@@ -697,8 +862,14 @@ class Trainer:
             optimizer=self.dist.optimizer_state(self.model, self.optimizer) if with_optimizer else None,
             rng_ranks=self.dist.rng_states() if with_optimizer else None,
         )
-        if not self.dist.is_main:
-            return folder
+        path = self._write_checkpoint(folder, with_optimizer, gathered) if self.dist.is_main else folder
+        # The others go on once rank 0 has written it: a rollback or the autopilot may read it next.
+        self.dist.barrier()
+        return path
+
+    def _write_checkpoint(
+        self, folder: Path, with_optimizer: bool, gathered: checkpoint.Gathered
+    ) -> Path | None:
         try:
             path = checkpoint.write(
                 folder,
@@ -720,7 +891,8 @@ class Trainer:
             )
             return None
         if folder.parent.name == "checkpoints":
-            checkpoint.prune(folder.parent, self.cfg.train.save_total_limit)
+            keep = {checkpoint.step_dir_name(s) for s in self.autopilot.protected()}
+            checkpoint.prune(folder.parent, self.cfg.train.save_total_limit, keep)
         self.emit(CheckpointEvent(step=self.step, path=str(path)))
         return path
 

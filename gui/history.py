@@ -24,6 +24,7 @@ from tunedeck.engine.protocol import (
     ErrorEvent,
     EvalEvent,
     Event,
+    RollbackEvent,
     SampleEvent,
     StartEvent,
     StateEvent,
@@ -109,9 +110,24 @@ class Change:
     step: int
     changes: dict[str, list[Any]]
     source: str
+    rule: str = ""  # the autopilot rule that made it
+    reason: str = ""
 
     def label(self) -> str:
         return ", ".join(f"{k} {fmt_number(v[0])}→{fmt_number(v[1])}" for k, v in self.changes.items())
+
+
+@dataclass
+class Branch:
+    """Steps a rollback left behind (``to_step+1..from_step``), kept to be drawn faded."""
+
+    number: int | None
+    from_step: int
+    to_step: int
+    checkpoint: str
+    steps: np.ndarray
+    loss: np.ndarray
+    lr: np.ndarray
 
 
 @dataclass
@@ -129,6 +145,7 @@ class RunHistory:
     output: str | None = None
     changes: list[Change] = field(default_factory=list)
     checkpoints: list[tuple[int, str]] = field(default_factory=list)
+    branches: list[Branch] = field(default_factory=list)  # abandoned by rollbacks, oldest first
     samples: list[SampleEvent] = field(default_factory=list)
     problems: list[Event] = field(default_factory=list)  # warnings and errors
     version: int = 0  # bumped on every change; the plots redraw when it moved
@@ -170,7 +187,9 @@ class RunHistory:
             self.eval_steps.append(ev.step)
             self.eval_loss.append(ev.eval_loss)
         elif isinstance(ev, ChangeEvent):
-            self.changes.append(Change(ev.step, dict(ev.changes), ev.source))
+            self.changes.append(Change(ev.step, dict(ev.changes), ev.source, ev.rule, ev.reason))
+        elif isinstance(ev, RollbackEvent):
+            self._branch_off(ev)
         elif isinstance(ev, StartEvent):
             resumed_at = int(getattr(ev, "step", 0) or 0)
             if resumed_at and len(self.steps) and self.steps.last() > resumed_at:
@@ -184,7 +203,13 @@ class RunHistory:
                 for c in getattr(ev, "changes", None) or []:
                     if isinstance(c, dict) and "step" in c:
                         self.changes.append(
-                            Change(int(c["step"]), dict(c.get("changes") or {}), str(c.get("source", "user")))
+                            Change(
+                                int(c["step"]),
+                                dict(c.get("changes") or {}),
+                                str(c.get("source", "user")),
+                                str(c.get("rule", "")),
+                                str(c.get("reason", "")),
+                            )
                         )
         elif isinstance(ev, StateEvent):
             self.state = ev.state
@@ -214,6 +239,25 @@ class RunHistory:
         self.changes = [c for c in self.changes if c.step <= step]
         self.checkpoints = [c for c in self.checkpoints if c[0] <= step]
         self.version += 1
+
+    def _branch_off(self, ev: RollbackEvent) -> None:
+        """The steps after ``to_step`` become a branch; the run goes on from ``to_step``."""
+        xs = self.steps.view
+        keep = int(np.searchsorted(xs, ev.to_step, side="right")) if len(xs) else 0
+        # A branch starts at its fork point, so its faded line joins the run's.
+        start = max(0, keep - 1)
+        self.branches.append(
+            Branch(
+                ev.branch,
+                ev.from_step,
+                ev.to_step,
+                ev.checkpoint,
+                xs[start:].copy(),
+                self.series["loss"].view[start:].copy(),
+                self.series["lr"].view[start:].copy(),
+            )
+        )
+        self.truncate(ev.to_step)
 
     def extend(self, events: list[Event]) -> None:
         for ev in events:

@@ -16,7 +16,7 @@ from PySide6.QtCore import QEvent, QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import QDockWidget, QFileDialog, QMainWindow, QMessageBox, QVBoxLayout, QWidget
 
-from tunedeck.engine import builtin
+from tunedeck.engine import builtin, checkpoint
 from tunedeck.engine import config as cfgmod
 from tunedeck.engine.config import Config
 from tunedeck.engine.errors import ConfigError
@@ -29,6 +29,7 @@ from tunedeck.engine.protocol import (
     Eval,
     Pause,
     Resume,
+    Rollback,
     Sample,
     SampleEvent,
     Save,
@@ -41,6 +42,7 @@ from tunedeck.engine.protocol import (
 )
 from tunedeck.gui.bridge import SessionBridge, SessionFactory
 from tunedeck.gui.history import RunHistory, fmt_number
+from tunedeck.gui.widgets.autopilot import AutopilotPanel
 from tunedeck.gui.widgets.banner import Banner
 from tunedeck.gui.widgets.controls import RunControls, RunStatus
 from tunedeck.gui.widgets.log import LogPanel, advice_for
@@ -88,10 +90,14 @@ class MainWindow(QMainWindow):
         self.setup = SetupPanel()
         self.log = LogPanel()
         self.samples = SamplePanel()
+        self.autopilot = AutopilotPanel()
         self.setup_dock = self._dock("Setup", self.setup, Qt.DockWidgetArea.LeftDockWidgetArea)
         self.log_dock = self._dock("Log", self.log, Qt.DockWidgetArea.BottomDockWidgetArea)
         self.samples_dock = self._dock("Samples", self.samples, Qt.DockWidgetArea.BottomDockWidgetArea)
         self.splitDockWidget(self.log_dock, self.samples_dock, Qt.Orientation.Horizontal)
+        self.autopilot_dock = self._dock("Autopilot", self.autopilot, Qt.DockWidgetArea.BottomDockWidgetArea)
+        self.tabifyDockWidget(self.samples_dock, self.autopilot_dock)
+        self.samples_dock.raise_()
         self.resizeDocks([self.setup_dock], [430], Qt.Orientation.Horizontal)
         self.resizeDocks([self.log_dock], [210], Qt.Orientation.Vertical)
 
@@ -117,6 +123,8 @@ class MainWindow(QMainWindow):
             lambda level, text: self.log.add("error" if level == "error" else "info", text)
         )
         self.samples.generate.connect(lambda prompt, n: self.send(Sample(prompt=prompt, max_new_tokens=n)))
+        self.plots.rollback.requested.connect(self.send_rollback)
+        self.autopilot.command.connect(self.send)
         self.bridge.events.connect(self._on_events)
         self.bridge.ended.connect(self._on_ended)
         # The status bar follows the steps at 4 Hz: enough to read, and the GUI thread (and the GIL)
@@ -177,8 +185,18 @@ class MainWindow(QMainWindow):
         r = mb.addMenu("&Run")
         for a in self.controls.actions():
             r.addAction(a)
+        r.addSeparator()
+        self.rollback_action = add(
+            r,
+            "Roll back to a checkpoint…",
+            lambda: self.plots.rollback.ask(),
+            None,
+            "Go back to a checkpoint of this run, optionally with a new learning rate (or click a "
+            "checkpoint mark on the loss plot)",
+        )
+        self.rollback_action.setEnabled(False)
         vm = mb.addMenu("&View")
-        for d in (self.setup_dock, self.log_dock, self.samples_dock):
+        for d in (self.setup_dock, self.log_dock, self.samples_dock, self.autopilot_dock):
             vm.addAction(d.toggleViewAction())
         add(vm, "Fit plots", lambda: (self.plots.fit(), self.plots.refresh(force=True)), "Ctrl+0")
 
@@ -288,6 +306,11 @@ class MainWindow(QMainWindow):
             self.log.add("warning", "cancel requested: ending without a final save")
             self.send(Cancel())
 
+    def send_rollback(self, cmd: Rollback) -> None:
+        with_values = ", then " + ", ".join(f"{k}={fmt_number(v)}" for k, v in cmd.values.items())
+        self.log.add("change", f"rolling back to {cmd.checkpoint}" + (with_values if cmd.values else ""))
+        self.send(cmd)
+
     def apply_live(self, changes: dict) -> None:
         if not changes:
             return
@@ -306,6 +329,7 @@ class MainWindow(QMainWindow):
             if isinstance(ev, SystemEvent):
                 continue
             self.log.add_event(ev)
+            self.autopilot.add_event(ev)
             if isinstance(ev, StartEvent):
                 self.status.set_total(ev.total_steps)
                 if ev.run_dir:
@@ -315,6 +339,9 @@ class MainWindow(QMainWindow):
                 self.controls.set_state(ev.state)
                 self.status.set_state(ev.state)
                 self.samples.set_live(ev.state in ("running", "paused"))
+                self.plots.rollback.live = ev.state in ("running", "paused")
+                self.rollback_action.setEnabled(self.plots.rollback.live)
+                self.autopilot.set_live(self.plots.rollback.live)
                 if self.history.run_id:
                     self.setWindowTitle(f"{APP_NAME} — {self.history.run_id} ({ev.state})")
             elif isinstance(ev, ChangeEvent):
@@ -339,6 +366,9 @@ class MainWindow(QMainWindow):
         self.controls.set_state("idle")
         self.setup.set_running(False)
         self.samples.set_live(False)
+        self.plots.rollback.live = False
+        self.rollback_action.setEnabled(False)
+        self.autopilot.set_live(False)
         self.status.set_state("failed" if end.status == "failed" else end.status)
         if end.status == "failed" and not self.banner.isVisible():
             self.banner.show_message(f"The run failed at step {end.step}", "see the log for what happened")
@@ -425,8 +455,14 @@ class MainWindow(QMainWindow):
         path = QFileDialog.getExistingDirectory(
             self, "Checkpoint to resume from (checkpoints/step-N)", self._runs_dir()
         )
-        if path:
-            self.start_run(resume_from=path)
+        if not path:
+            return
+        try:  # the checkpoint's settings: a resume cannot change what they fix (see engine/resume.py)
+            self.set_config(checkpoint.read_config(Path(path)))
+        except ConfigError as e:
+            self.banner.show_message("Not a checkpoint to resume from", e.one_line())
+            return
+        self.start_run(resume_from=path)
 
     # ------------------------------------------------------------------ closing
 

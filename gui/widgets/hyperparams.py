@@ -111,6 +111,8 @@ def fmt_value(v: Any) -> str:
                     return f"{mant}e{int(exp)}"
         text = repr(v)
         return text[:-2] if text.endswith(".0") else text
+    if isinstance(v, (list, tuple)) and any(isinstance(m, dict) for m in v):  # train.autopilot's rules
+        return yaml.safe_dump(list(v), default_flow_style=True, sort_keys=False).strip()
     if isinstance(v, (list, tuple)):
         return ", ".join(str(m) for m in v)
     if isinstance(v, dict):

@@ -16,6 +16,7 @@ from tunedeck.engine.protocol import (
     ErrorEvent,
     EvalEvent,
     Event,
+    RollbackEvent,
     SampleEvent,
     StartEvent,
     StateEvent,
@@ -116,12 +117,18 @@ class LogPanel(QWidget):
                 when=t,
             )
         elif isinstance(ev, ChangeEvent):
-            who = "you" if ev.source == "user" else "the engine"
+            who = {"user": "you", "resume": "the resume", "autopilot": f"the autopilot ({ev.rule})"}.get(
+                ev.source, "the engine"
+            )
+            why = f": {ev.reason}" if ev.reason else ""
             self.add(
                 "change",
-                f"after step {ev.step}, {who} changed {Change(ev.step, ev.changes, ev.source).label()}",
+                f"after step {ev.step}, {who} changed {Change(ev.step, ev.changes, ev.source).label()}{why}",
                 when=t,
             )
+        elif isinstance(ev, RollbackEvent):
+            kept = f"; steps {ev.to_step + 1}-{ev.from_step} kept as branch {ev.branch}" if ev.branch else ""
+            self.add("change", f"rolled back from step {ev.from_step} to {ev.checkpoint}{kept}", when=t)
         elif isinstance(ev, CheckpointEvent):
             self.add("info", f"step {ev.step}: checkpoint saved to {ev.path}", when=t)
         elif isinstance(ev, SampleEvent):

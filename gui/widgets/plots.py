@@ -21,6 +21,7 @@ from PySide6.QtGui import QColor, QPen
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget
 
 from tunedeck.gui.history import Change, Envelope, RunHistory, Series, Smoother, fmt_number
+from tunedeck.gui.widgets.branches import RollbackLayer
 from tunedeck.gui.widgets.theme import COLORS, GRID, GRID_MINOR, MUTED
 
 REDRAW_MS = 50  # at most 20 redraws a second, whatever the step rate
@@ -327,6 +328,8 @@ class PlotPanel(QWidget):
             line.setZValue(20)
             p.addItem(line, ignoreBounds=True)
             self.cursors.append(line)
+        # checkpoints as marks on the step axis (click one to roll back), rollbacks' branches faded
+        self.rollback = RollbackLayer(self)
         self.loss_plot.vb.sigXRangeChanged.connect(self._xrange_changed)
         self.loss_plot.vb.sigResized.connect(self._xrange_changed)
         for p in self.plots:
@@ -443,7 +446,7 @@ class PlotPanel(QWidget):
                 continue
             top = 0.0
             for item in p.listDataItems():
-                if not item.isVisible():
+                if not item.isVisible() or getattr(item, "faded", False):
                     continue
                 _, y = item.getOriginalDataset()
                 if y is not None and len(y):
@@ -503,6 +506,7 @@ class PlotPanel(QWidget):
             if name in h.nonzero and (name != "rss" or not gpu):
                 self._set(c, sx, h.system[name], swin)
         self._sync_markers()
+        self.rollback.sync(h)
         if self.overlay is not None:
             o = self.overlay
             ox = o.x()

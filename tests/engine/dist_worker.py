@@ -30,6 +30,7 @@ from safetensors.torch import save_file  # noqa: E402
 from tests.engine.helpers import make_cfg  # noqa: E402
 from tunedeck.engine import checkpoint, distributed  # noqa: E402
 from tunedeck.engine import config as config_mod  # noqa: E402
+from tunedeck.engine import resume as resume_mod  # noqa: E402
 from tunedeck.engine.protocol import Cancel, Event, StepEvent, command_from_dict  # noqa: E402
 from tunedeck.engine.trainer import Trainer  # noqa: E402
 
@@ -44,7 +45,7 @@ def run_scenario(spec: dict) -> None:
     cancel = threading.Event()
 
     def put(step: int) -> None:
-        for c in at.get(step, []):
+        for c in at.pop(step, []):  # once: a rollback reports a step again
             if isinstance(c, Cancel):
                 cancel.set()  # as TrainingSession.send does
             commands.put(c)
@@ -63,8 +64,9 @@ def run_scenario(spec: dict) -> None:
         if dist.is_main:
             shutil.copytree(spec["resume_from"], start)
         torch.distributed.barrier()
-        resume = checkpoint.open_resume(start)
-        cfg = config_mod.apply_overrides(resume.cfg, spec.get("resume_set", []))
+        # As tunedeck-train --resume START --set ... does: the checkpoint's config with those values.
+        asked = config_mod.apply_overrides(checkpoint.open_resume(start).cfg, spec.get("resume_set", []))
+        cfg, resume = resume_mod.prepare(start, asked)
     trainer = Trainer(cfg, emit, commands, resume, cancel=cancel, dist=dist)
     if spec.get("oom_rank") == dist.rank:
         to_device = trainer._to_device

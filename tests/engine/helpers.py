@@ -6,8 +6,8 @@ import queue
 from pathlib import Path
 from typing import Any
 
-from tunedeck.engine import checkpoint
 from tunedeck.engine import config as config_mod
+from tunedeck.engine import resume as resume_mod
 from tunedeck.engine.protocol import Command, Event, StepEvent
 from tunedeck.engine.trainer import Trainer
 
@@ -32,23 +32,25 @@ def make_cfg(tmp_path: Path, **overrides: Any) -> config_mod.Config:
 def run(
     cfg: config_mod.Config | None, at: dict[int, list[Command]] | None = None, resume_from: Path | None = None
 ) -> tuple[list[Event], Trainer]:
-    """Run to the end; ``at[n]`` commands are queued when step n is reported, so they apply before step n+1."""
-    at = at or {}
+    """Run to the end; ``at[n]`` commands are queued when step n is first reported, so they apply before
+    step n+1 (once: a rollback that reports step n again does not send them again). With ``resume_from``,
+    ``cfg`` is the config asked for, compared with the checkpoint's as a resume does (None: the checkpoint's)."""
+    at = dict(at or {})
     events: list[Event] = []
     commands: queue.Queue = queue.Queue()
 
     def emit(e: Event) -> None:
         events.append(e)
         if isinstance(e, StepEvent):
-            for c in at.get(e.step, []):
+            for c in at.pop(e.step, []):
                 commands.put(c)
 
-    for c in at.get(0, []):
+    for c in at.pop(0, []):
         commands.put(c)
-    resume = checkpoint.open_resume(resume_from) if resume_from is not None else None
-    if cfg is None:
-        assert resume is not None, "run() needs a config or a checkpoint"
-        cfg = resume.cfg
+    resume = None
+    if resume_from is not None:
+        cfg, resume = resume_mod.prepare(resume_from, cfg)
+    assert cfg is not None, "run() needs a config or a checkpoint"
     trainer = Trainer(cfg, emit, commands, resume=resume)
     events.append(trainer.run())
     return events, trainer

@@ -118,3 +118,44 @@ def test_resume_from_the_cli(tmp_path, capsys):
 
     a, b = losses(first), losses(again)
     assert sorted(b) == [4, 5, 6] and all(a[s] == b[s] for s in b)
+
+
+@pytest.mark.slow
+def test_control_file_rolls_back_with_a_new_learning_rate(tmp_path, capsys):
+    control = tmp_path / "control.jsonl"
+    args = ["--output-dir", str(tmp_path), "--set", "train.max_steps=12", "--set", "train.run_name=r"]
+    args += [
+        "--set",
+        "train.save_steps=2",
+        "--set",
+        "train.lr_scheduler_type=constant",
+        "--control",
+        str(control),
+    ]
+    result: dict[str, int] = {}
+    thread = threading.Thread(target=lambda: result.update(code=cli.main(args)))
+    thread.start()
+    metrics = tmp_path / "r" / "metrics.jsonl"
+
+    def events() -> list[dict]:
+        return [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+
+    deadline = time.monotonic() + 120
+    while not any(e["type"] == "step" and e["step"] >= 3 for e in events()):
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    with open(control, "a") as f:
+        f.write(
+            json.dumps({"cmd": "rollback", "checkpoint": "step-000002", "set": {"learning_rate": 1e-3}})
+            + "\n"
+        )
+    thread.join(120)
+    out = capsys.readouterr().out
+    assert result["code"] == 0
+    rb = next(e for e in events() if e["type"] == "rollback")
+    n = rb["from_step"]
+    assert (rb["to_step"], rb["branch"]) == (2, 1)
+    assert f"rollback from step {n} to step-000002 (step 2); steps 3-{n} kept as branch 1" in out
+    assert f"change after step 2 (user): step {n} -> 2, learning_rate 0.003 -> 0.001" in out
+    lrs = [(e["step"], e["learning_rate"]) for e in events() if e["type"] == "step"]
+    assert lrs[n:] == [(s, pytest.approx(1e-3)) for s in range(3, 13)]

@@ -165,6 +165,14 @@ LIVE = {
     ],
     5: [{"cmd": "set", "gradient_accumulation_steps": 3, "optim": "adamw_torch_fused"}],
 }
+# Back to the checkpoint of step 2 at step 3 with a new LR (the FS-wide folders are moved by rank 0 alone).
+ROLLBACK = {3: [{"cmd": "rollback", "checkpoint": "latest", "set": {"learning_rate": 1e-3}}]}
+ROLLBACK_CFG = {
+    "train__max_steps": 5,
+    "train__save_steps": 2,
+    "train__per_device_train_batch_size": 2,
+    "train__gradient_accumulation_steps": 2,
+}
 TWO_BY_TWO = {"train__per_device_train_batch_size": 2, "train__gradient_accumulation_steps": 2}
 BASE = {
     "train__max_steps": 7,
@@ -183,7 +191,17 @@ def commands(at: dict[int, list[dict]]) -> dict[int, list]:
 def torchrun(*args: str, timeout: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # torchrun starts each process in its own session: end them by name, not by group.
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            p.kill()
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"torchrun ran past {timeout} s:\n{out[-2000:]}\n{err[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 class Runs:
@@ -216,6 +234,10 @@ def runs(tmp_path_factory) -> Runs:
         make_cfg(root / "ref8x1", **{**BASE, "train__max_steps": 4, "train__per_device_train_batch_size": 8}),
         at=commands({2: LIVE[2]}),
     )
+    r.refs["rollback"] = run(
+        make_cfg(root / "refrollback", **{**ROLLBACK_CFG, "train__per_device_train_batch_size": 4}),
+        at=commands(ROLLBACK),
+    )
     r.refs["4x2"] = run(
         make_cfg(
             root / "ref4x2",
@@ -236,6 +258,8 @@ def runs(tmp_path_factory) -> Runs:
         {"name": "dropout_resumed", "resume_from": str(root / "dropout" / "runs" / "run" / "checkpoints" / "step-000003")},
         {"name": "full_fsdp", "cfg": {"train__max_steps": 3, "train__save_steps": 2, "lora__enabled": False,
                                       "train__distributed": "fsdp", **TWO_BY_TWO}},
+        {"name": "rollback_ddp", "cfg": ROLLBACK_CFG, "at": ROLLBACK},
+        {"name": "rollback_fsdp", "cfg": {**ROLLBACK_CFG, "train__distributed": "fsdp"}, "at": ROLLBACK},
         {"name": "cancel", "cfg": {"train__max_steps": 6, **TWO_BY_TWO}, "at": {2: [{"cmd": "cancel"}]}},
         {"name": "oom", "cfg": {"train__max_steps": 6, **TWO_BY_TWO}, "oom_rank": 1, "oom_step": 3},
     ]  # fmt: skip
@@ -380,6 +404,27 @@ def test_full_fine_tuning_under_fsdp_saves_the_one_process_file_and_resumes_on_o
     assert max_diff(mine, theirs) < SGD_ATOL
     (three,) = [e for e in ev if e["type"] == "step" and e["step"] == 3]
     assert steps(events)[3].loss == pytest.approx(three["loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["rollback_ddp", "rollback_fsdp"])
+def test_rollback_on_two_processes_equals_one(runs, name):
+    """A rollback restores every process (under FSDP2 into the shards); rank 0 alone moves the branch."""
+    ev, (ref_ev, ref) = runs.events(name), runs.refs["rollback"]
+    assert ev[-1]["status"] == "completed"
+    (rb,) = [e for e in ev if e["type"] == "rollback"]
+    (ref_rb,) = of(ref_ev, "rollback")
+    assert (rb["from_step"], rb["to_step"], rb["checkpoint"], rb["branch"]) == (3, 2, "step-000002", 1)
+    assert (ref_rb.from_step, ref_rb.to_step, ref_rb.branch) == (3, 2, 1)
+    got = [(e["step"], e["learning_rate"]) for e in ev if e["type"] == "step"]
+    assert got == [(s.step, s.learning_rate) for s in of(ref_ev, "step")]
+    assert [e["loss"] for e in ev if e["type"] == "step"] == pytest.approx(
+        [s.loss for s in of(ref_ev, "step")], abs=1e-4
+    )
+    run_dir = Path(ev[-1]["output"]).parent
+    branch = json.loads((run_dir / "branches" / "1" / "branch.json").read_text())
+    assert branch["from_step"] == 3 and branch["moved"] == [] and not (run_dir / "branches" / "2").exists()
+    assert max_diff(adapter(run_dir / "final"), adapter(ref.run_dir / "final")) < ADAM_ATOL
 
 
 @pytest.mark.slow

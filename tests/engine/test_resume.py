@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.engine.helpers import make_cfg, of, run, steps
 from tunedeck.engine import builtin, checkpoint
-from tunedeck.engine.protocol import Set
+from tunedeck.engine.protocol import Set, Stop
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -15,12 +15,13 @@ def test_resume_continues_exactly(tmp_path):
     kw = dict(train__max_steps=8, lora__dropout=0.1, train__lr_scheduler_type="cosine", train__warmup_steps=2)
     at = {2: [Set({"learning_rate": 1e-3, "gradient_accumulation_steps": 2})]}
     full, _ = run(make_cfg(tmp_path / "full", **kw), at=at)
-    part, t = run(make_cfg(tmp_path / "part", train__save_steps=3, **kw), at=at)
+    # Stopped after step 3 (a checkpoint and final/ of step 3): its newest state, so it resumes in place.
+    part, t = run(make_cfg(tmp_path / "part", **kw), at={**at, 3: [Stop()]})
     ckpt = t.run_dir / "checkpoints" / "step-000003"
-    assert ckpt.is_dir()
+    assert ckpt.is_dir() and part[-1].status == "stopped"
     # The run was made from scratch again: only what the checkpoint holds can make it equal.
     resumed, r = run(None, resume_from=ckpt)
-    assert r.run_dir == t.run_dir  # same run folder, metrics appended
+    assert r.run_dir == t.run_dir and of(resumed, "start")[0].parent is None  # same folder, metrics appended
     a, b = steps(full), steps(resumed)
     assert sorted(b) == list(range(4, max(a) + 1))
     for s in b:

@@ -77,7 +77,12 @@ def test_resume_from_an_earlier_checkpoint_supersedes_later_steps_in_tensorboard
     first = TrainingSession(make_cfg(tmp_path, train__max_steps=6, train__save_steps=2), system_interval=0)
     first.start()
     assert first.join(timeout=120)
-    # Resume from step 2 of the finished 6-step run with another learning rate: steps 3..6 are redone.
+    # As a run killed after step 6 leaves its folder when only step 2's checkpoint got written: resuming
+    # it continues in place (a later checkpoint or final/ would start a new run folder) and redoes 3..6.
+    import shutil
+
+    for later in ("checkpoints/step-000004", "final"):
+        shutil.rmtree(first.run_dir / later)
     ckpt = first.run_dir / "checkpoints" / "step-000002"
     from tunedeck.engine import checkpoint
 
