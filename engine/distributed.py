@@ -18,8 +18,9 @@ What makes N processes x batch b the same run as 1 process x batch N*b:
   the gradient of the whole window's mean loss.
 - Gradients are synced on the last micro-batch of a window only (DDP ``no_sync``, FSDP2
   ``set_requires_gradient_sync``); loss, gradient norm and each process's memory are reduced once per
-  step in one all-reduce and read from the device once; the non-finite decision reads that one result,
-  so it is the same on every process.
+  step in one all-reduce and read from the device once (under FSDP2 the norm of the shards takes one
+  all-reduce of its own first); the non-finite decision reads that one result, so it is the same on
+  every process, and so are the autopilot's.
 - Dropout streams differ per process: after the shared initialisation each process seeds its RNG with
   ``seed + rank``.
 
@@ -27,6 +28,11 @@ Commands: rank 0 alone reads them (its queue: CLI, control file, window) and bro
 every step boundary, an empty list included; every process applies the same list in the same order.
 While paused, rank 0 broadcasts about every second, so a pause of any length never trips the process
 group's timeout. Broadcasts go through a gloo group, so on GPUs they cost no device sync.
+
+Checkpoints: every process takes part (FSDP2 gathers the full state to rank 0's CPU), rank 0 writes the
+one-process layout, and every process waits until it has: a rollback or the autopilot then reads the
+run folder as rank 0 left it. Every process reads a checkpoint to resume or roll back, so on several
+machines the run folder must be on a filesystem they share.
 
 Failures: a process that fails writes its error into torchrun's key-value store before it exits; the
 collective that then fails on rank 0 (or torchrun's SIGTERM) ends the run there with that error.
