@@ -8,7 +8,7 @@ from PySide6.QtWidgets import QWidget
 
 from tests.engine.helpers import make_cfg
 from tunedeck.engine.follow import FollowedRun
-from tunedeck.engine.protocol import Pause, Resume, StepEvent, Stop
+from tunedeck.engine.protocol import Pause, Resume, StartEvent, StateEvent, StepEvent, Stop
 from tunedeck.engine.session import TrainingSession
 from tunedeck.gui.bridge import SessionBridge
 
@@ -26,10 +26,19 @@ def test_bridge_follows_a_live_run_folder_and_steers_it(qtbot, tmp_path):
     qtbot.addWidget(holder)
     bridge = SessionBridge(holder, factory=lambda config, resume_from=None: FollowedRun(other.run_dir))
     starts, states, ends, steps = [], [], [], []
-    bridge.started.connect(starts.append)
-    bridge.state_changed.connect(states.append)
+
+    def sort(batch: list) -> None:  # the bridge hands on batches; the window dispatches with a match
+        for e in batch:
+            match e:
+                case StartEvent():
+                    starts.append(e)
+                case StateEvent(state=state):
+                    states.append(state)
+                case StepEvent():
+                    steps.append(e)
+
+    bridge.events.connect(sort)
     bridge.ended.connect(ends.append)
-    bridge.events.connect(lambda batch: steps.extend(e for e in batch if isinstance(e, StepEvent)))
     try:
         assert bridge.start(None)
         qtbot.waitUntil(lambda: bool(starts) and bool(steps), timeout=60_000)
