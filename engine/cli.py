@@ -2,12 +2,17 @@
 
 Exit status: 0 when the run completed or was stopped (saved), 1 when it failed or was cancelled,
 2 for bad usage or a bad config. Ctrl-C once stops and saves; twice cancels.
+
+With ``--nproc-per-node N`` the same command runs again under torchrun (:mod:`tunedeck.engine.launch`).
+Each process it starts (or that ``torchrun ... -m tunedeck.engine.cli`` starts) runs this ``main``
+as one rank: rank 0 prints, reads commands and writes the run folder; the others print only their
+errors, which also reach rank 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import signal
 import sys
 import threading
@@ -15,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from tunedeck.engine import builtin
+from tunedeck.engine import builtin, launch
 from tunedeck.engine import config as config_mod
+from tunedeck.engine.control import ControlFile
 from tunedeck.engine.errors import ConfigError, TunedeckError
 from tunedeck.engine.protocol import (
     Cancel,
@@ -40,7 +46,16 @@ DEMO_PRESET = builtin.DEMO_PRESET
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tunedeck-train", description="Fine-tune a language model headless.")
+    """The options, with ``launch`` (torchrun's options, each None when not given) and ``argv`` (all
+    the others, as a process under torchrun gets them)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    launch_args, rest = launch.parser().parse_known_args(argv)
+    p = argparse.ArgumentParser(
+        prog="tunedeck-train",
+        description="Fine-tune a language model headless.",
+        epilog=launch.epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config", nargs="?", help="YAML config (default: the builtin demo)")
     p.add_argument(
         "--set",
@@ -56,7 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--control", metavar="FILE", help="apply JSON-line commands appended to FILE while the run goes"
     )
     p.add_argument("--quiet", action="store_true", help="print only warnings, errors and the result")
-    return p.parse_args(argv)
+    args = p.parse_args(rest)
+    args.launch, args.argv = launch_args, rest
+    return args
 
 
 def build_config(args: argparse.Namespace) -> config_mod.Config:
@@ -77,64 +94,25 @@ def build_config(args: argparse.Namespace) -> config_mod.Config:
     return config_mod.apply_overrides(cfg, overrides) if overrides else cfg
 
 
-def preflight(cfg: config_mod.Config) -> None:
+def preflight(cfg: config_mod.Config, world_size: int = 1) -> None:
     """Refuse, before loading anything, what cannot run on this machine."""
     import torch
 
-    from tunedeck.engine import model, optim
+    from tunedeck.engine import distributed, model, optim
 
     optim.check_available(cfg.train.optim)
+    distributed.check(cfg, world_size)
     model.quantization_config(cfg, torch.float32)
     model.resolve_dtype(cfg.model.dtype, model.pick_device())
-
-
-class ControlFile:
-    """Tails FILE for JSON lines (only what is appended after the start) and hands them to ``send``."""
-
-    def __init__(self, path: Path, send: Any, say: Any) -> None:
-        self.path, self.send, self.say = path, send, say
-        self.path.touch(exist_ok=True)
-        self.offset = self.path.stat().st_size
-        self.buffer = ""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def poll(self) -> None:
-        size = self.path.stat().st_size if self.path.exists() else 0
-        if size < self.offset:  # truncated or replaced: read it from the top
-            self.offset = 0
-        if size == self.offset:
-            return
-        with open(self.path, encoding="utf-8") as f:
-            f.seek(self.offset)
-            self.buffer += f.read()
-            self.offset = f.tell()
-        *lines, self.buffer = self.buffer.split("\n")
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                self.send(json.loads(line))
-            except json.JSONDecodeError as e:
-                self.say(f"control: ignored a line that is not JSON ({e.msg}): {line.strip()[:80]}")
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            self.poll()
 
 
 class Printer:
     """Step lines, or a progress bar on a terminal, plus one line for every other event."""
 
-    def __init__(self, quiet: bool, stream: TextIO) -> None:
+    def __init__(self, quiet: bool, stream: TextIO, prefix: str = "") -> None:
         self.quiet = quiet
         self.stream = stream
+        self.prefix = prefix  # "[rank 1] " in a process other than rank 0
         self.bar: Any = None
         self.prep: Any = None  # the bar of a preparation (tokenizing) on a terminal
         self.tty = stream.isatty() and not quiet
@@ -144,7 +122,7 @@ class Printer:
         if bar is not None:
             bar.write(text, file=self.stream)
         else:
-            print(text, file=self.stream, flush=True)
+            print(self.prefix + text, file=self.stream, flush=True)
 
     def handle(self, e: Event) -> None:
         match e:
@@ -239,60 +217,94 @@ class Printer:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from tunedeck.engine import distributed
+
+    torchrun = launch.requested(args.launch) and not distributed.under_launcher()
     try:
+        if torchrun and (problem := launch.check(args.launch)):
+            raise ConfigError(problem, "see tunedeck-train --help")
         cfg = build_config(args)
         if args.resume:  # what cannot change on resume is refused here, before anything loads
             from tunedeck.engine import resume
 
             resume.prepare(args.resume, cfg)
-        preflight(cfg)
+        world = launch.world_size(args.launch) if torchrun else distributed.launched_world_size()
+        preflight(cfg, world)
     except TunedeckError as e:
         print(f"tunedeck-train: error: {e.one_line()}", file=sys.stderr)
         return 2
+    if torchrun:
+        return launch.run(launch.torchrun_command(args.launch, args.argv))
+    try:
+        dist = distributed.Dist.from_env(cfg.train.distributed)
+    except TunedeckError as e:
+        print(f"tunedeck-train: error: {e.one_line()}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the others never came, or the rendezvous failed: torch says why
+        print(
+            f"tunedeck-train: error: could not join the other processes: {type(e).__name__}: {e}",
+            file=sys.stderr,
+        )
+        return 1
+    if not dist.enabled:
+        return _run(args, cfg, None)
+    code = _run(args, cfg, dist)
+    if code != 0:
+        # A failed run may leave collectives of the others waiting on this process: end it now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    dist.close()
+    return code
+
+
+def _run(args: argparse.Namespace, cfg: config_mod.Config, dist: Any) -> int:
+    """One run in this process: the whole run, or one rank's part of it (``dist``)."""
     from tunedeck.engine.session import TrainingSession
 
-    printer = Printer(args.quiet, sys.stderr if sys.stderr.isatty() else sys.stdout)
-    session = TrainingSession(cfg, resume_from=args.resume)
-    interrupts = {"n": 0}
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        interrupts["n"] += 1
-        if interrupts["n"] == 1:
-            printer.say("interrupt: stopping after this step and saving (Ctrl-C again to cancel)")
-            session.send(Stop())
-        else:
-            session.send(Cancel())
-
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGINT, on_sigint)
-    control = ControlFile(Path(args.control), session.send, printer.say) if args.control else None
+    main_rank = dist is None or dist.is_main
+    stream = sys.stderr if sys.stderr.isatty() or not main_rank else sys.stdout
+    printer = Printer(args.quiet or not main_rank, stream, prefix="" if main_rank else f"[rank {dist.rank}] ")
+    session = TrainingSession(cfg, resume_from=args.resume, dist=dist)
+    signals = _Signals(session, printer, dist)
+    control = (
+        ControlFile(Path(args.control), session.send, printer.say) if args.control and main_rank else None
+    )
     session.start()
     if control:
         control.start()
     end: EndEvent | None = None
+    last_error: ErrorEvent | None = None
     config_error = False
     try:
         while end is None:
             for event in session.drain():
                 printer.handle(event)
+                if isinstance(event, ErrorEvent):
+                    last_error = event
                 config_error |= (
                     isinstance(event, ErrorEvent)
                     and event.kind == "config"
                     and end is None
                     and session.run_dir is None
                 )
+                if isinstance(event, StartEvent) and control and _same_file(control.path, event.run_dir):
+                    control.stop()  # the session reads the run folder's control file itself
                 if isinstance(event, EndEvent):
                     end = event
             if end is None:
+                signals.check_deadline()
                 time.sleep(0.05)
     finally:
         if control:
             control.stop()
         printer.close()
-        if previous is not None:  # in-process callers (tests, notebooks) get their handler back
-            signal.signal(signal.SIGINT, previous)
-    session.join()
+        signals.restore()
+    session.join(timeout=1.0 if signals.abandoned else None)  # an abandoned thread may never end
+    if not main_rank:
+        if end.status == "failed" and last_error is not None:
+            dist.report_failure(last_error.message, last_error.kind, last_error.advice)
+        return 0 if end.status in ("completed", "stopped") else 1
     where = f" -> {end.output}" if end.output else ""
     print(
         f"{end.status} at step {end.step}{where}",
@@ -302,6 +314,72 @@ def main(argv: list[str] | None = None) -> int:
     if end.status in ("completed", "stopped"):
         return 0
     return 2 if config_error else 1
+
+
+def _same_file(control: Path, run_dir: str) -> bool:
+    from tunedeck.engine.control import CONTROL_FILE
+
+    return bool(run_dir) and control.resolve() == (Path(run_dir) / CONTROL_FILE).resolve()
+
+
+class _Signals:
+    """Ctrl-C stops and saves, a second cancels. On several processes rank 0 alone acts on signals
+    (and tells the others at the next step boundary), and SIGTERM or SIGHUP (torchrun's way to end a
+    job, or to end the others when one process died) stops and saves too; if the run has not ended
+    ``grace_s`` later, a process it waits on is gone, and the run's record ends here with an error."""
+
+    def __init__(self, session: Any, printer: Printer, dist: Any) -> None:
+        self.session, self.printer, self.dist = session, printer, dist
+        self.interrupts = 0
+        self.deadline: float | None = None
+        self.abandoned = False
+        # torchrun gives its processes this long after SIGTERM before SIGKILL; end the record first.
+        self.grace_s = max(1.0, float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")) - 5.0)
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        main_rank = dist is None or dist.is_main
+        wanted = {signal.SIGINT: self.on_interrupt}
+        if dist is not None:
+            wanted[signal.SIGTERM] = wanted[signal.SIGHUP] = self.on_terminate
+        for sig, handler in wanted.items():
+            self.previous[sig] = signal.signal(sig, handler if main_rank else signal.SIG_IGN)
+
+    def on_interrupt(self, signum: int, frame: Any) -> None:
+        self.interrupts += 1
+        if self.interrupts == 1:
+            self.printer.say("interrupt: stopping after this step and saving (Ctrl-C again to cancel)")
+            self.session.send(Stop())
+        else:
+            self.session.send(Cancel())
+
+    def on_terminate(self, signum: int, frame: Any) -> None:
+        if self.deadline is None:
+            self.printer.say(f"{signal.Signals(signum).name}: stopping after this step and saving")
+            self.deadline = time.monotonic() + self.grace_s
+            self.session.send(Stop())
+
+    def check_deadline(self) -> None:
+        if self.deadline is None or self.abandoned or time.monotonic() < self.deadline:
+            return
+        self.abandoned = True
+        failed = self.dist.failures() if self.dist is not None else {}
+        if failed:
+            r, e = min(failed.items())
+            self.session.abandon(
+                f"process {r} of {self.dist.world_size} failed: {e['message']}", e["kind"], e["advice"]
+            )
+        else:
+            self.session.abandon(
+                f"the run did not end within {self.grace_s:.0f} s of the launcher's stop signal: a process "
+                "it waits on is gone or stuck",
+                "internal",
+                "torchrun's report names the process and how it ended; resume from the last checkpoint",
+            )
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():  # in-process callers get their handlers back
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

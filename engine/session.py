@@ -2,7 +2,9 @@
 
 The GUI, the CLI and the tests all go through this class. ``send`` and ``drain`` never block;
 every event is also appended to ``<run>/metrics.jsonl`` (flushed per line) and, when the
-``tensorboard`` package is installed, to TensorBoard event files in the run folder.
+``tensorboard`` package is installed, to TensorBoard event files in the run folder. Commands appended to
+``<run>/control.jsonl`` while the run goes are sent as well, so another process (a window following the
+run folder) can steer it.
 """
 
 from __future__ import annotations
@@ -14,12 +16,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunedeck.engine.config import Config
+from tunedeck.engine.control import CONTROL_FILE, ControlFile
 from tunedeck.engine.errors import TunedeckError
 from tunedeck.engine.monitor import SystemSampler
-from tunedeck.engine.protocol import Cancel, Command, EndEvent, ErrorEvent, Event, command_from_dict
+from tunedeck.engine.protocol import (
+    Cancel,
+    Command,
+    EndEvent,
+    ErrorEvent,
+    Event,
+    WarningEvent,
+    command_from_dict,
+)
 from tunedeck.engine.sinks import RunLog, default_sinks
 
 if TYPE_CHECKING:
+    from tunedeck.engine.distributed import Dist
     from tunedeck.engine.sampling import Sampler
     from tunedeck.engine.trainer import Trainer
 
@@ -30,24 +42,37 @@ class TrainingSession:
     ``config`` may be None when ``resume_from`` is given: the run then continues with the config
     stored in the checkpoint, live changes included. ``system_interval`` is the period of the
     system sampler in seconds; 0 turns it off (with ``train.logging_steps`` above 1, monitoring off).
+    ``dist`` places the run's process among several; only rank 0's session writes the run folder, samples
+    the system and reads the control file (the others' events stay in their queue).
     """
 
     def __init__(
-        self, config: Config | None, resume_from: str | Path | None = None, *, system_interval: float = 1.0
+        self,
+        config: Config | None,
+        resume_from: str | Path | None = None,
+        *,
+        system_interval: float = 1.0,
+        dist: Dist | None = None,
     ) -> None:
         if config is None and resume_from is None:
             raise ValueError("a TrainingSession needs a config or a checkpoint to resume from")
         self.config = config
         self.resume_from = resume_from
         self.system_interval = system_interval
+        self.dist = dist
         self._events: queue.Queue[Event] = queue.Queue()
         self._commands: queue.Queue[Command] = queue.Queue()
         self._cancel = threading.Event()
         self._log = RunLog()
+        self._ending = threading.Lock()  # one end event, whether the run's or abandon()'s
+        self._control: ControlFile | None = None
         self._thread: threading.Thread | None = None
         self._trainer: Trainer | None = None
         self.run_dir: Path | None = None
         self.end: EndEvent | None = None
+        self._main_process = dist is None or dist.is_main
+        if not self._main_process:
+            self._log.open([])  # rank 0 alone writes the run folder
 
     def start(self) -> None:
         if self._thread is not None:
@@ -98,9 +123,38 @@ class TrainingSession:
         self._log.write(event)
         self._events.put(event)
 
+    def abandon(self, message: str, kind: str = "internal", advice: str = "") -> None:
+        """End the run's record now without waiting for its thread (stuck, e.g., in a collective whose
+        other side is gone): an error and a failed end go to the events and the run folder. A no-op
+        once the run has ended by itself."""
+        self._finish(
+            EndEvent(status="failed", step=self._trainer.step if self._trainer else 0, output=None),
+            ErrorEvent(message=message, kind=kind, advice=advice),
+        )
+
     def _set_run_dir(self, run_dir: Path) -> None:
         self.run_dir = run_dir
+        control = run_dir / CONTROL_FILE
+        # Its size now: a follower appends only after it has seen this run's start event, written later.
+        offset = control.stat().st_size if control.exists() else 0
         self._log.open(default_sinks(run_dir))
+        self._control = ControlFile(control, self.send, self._say, offset=offset)
+        self._control.start()
+
+    def _say(self, text: str) -> None:
+        self._emit(WarningEvent(message=text, kind="config", advice="write one JSON object per line"))
+
+    def _finish(self, end: EndEvent, error: ErrorEvent | None = None) -> None:
+        with self._ending:
+            if self.end is not None:
+                return
+            if self._control is not None:
+                self._control.stop()
+            if error is not None:
+                self._emit(error)
+            self.end = end
+            self._emit(end)
+            self._log.close()
 
     def _main(self) -> None:
         import torch
@@ -116,9 +170,15 @@ class TrainingSession:
                 config, resume = resume_mod.prepare(self.resume_from, self.config)
             assert config is not None
             self._trainer = Trainer(
-                config, self._emit, self._commands, resume, on_run_dir=self._set_run_dir, cancel=self._cancel
+                config,
+                self._emit,
+                self._commands,
+                resume,
+                on_run_dir=self._set_run_dir if self._main_process else None,
+                cancel=self._cancel,
+                dist=self.dist,
             )
-            if self.system_interval > 0:  # 0 turns the system sampler off
+            if self.system_interval > 0 and self._main_process:  # 0 turns the system sampler off
                 monitor = SystemSampler(
                     self._emit, use_gpu=torch.cuda.is_available(), interval=self.system_interval
                 )
@@ -140,6 +200,4 @@ class TrainingSession:
         finally:
             if monitor is not None:
                 monitor.stop()
-        self.end = end
-        self._emit(end)
-        self._log.close()
+        self._finish(end)

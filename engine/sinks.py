@@ -128,3 +128,4 @@ class RunLog:
         with self._lock:
             for sink in self._sinks or []:
                 sink.close()
+            self._sinks = []  # a late event (a thread the run left behind) goes nowhere
