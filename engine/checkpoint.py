@@ -31,9 +31,21 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _save_weights(model: Any, folder: Path) -> None:  # a PreTrainedModel or a PeftModel
+@dataclass(frozen=True)
+class Gathered:
+    """What a run on several processes gathered for rank 0 to write, in the one-process layout: the
+    full weights and optimizer state under FSDP2 (None: the model and optimizer hold them whole) and
+    every process's RNG state (``rng_state.pt``'s ``ranks``)."""
+
+    model: dict[str, Any] | None = None
+    optimizer: dict[str, Any] | None = None
+    rng_ranks: list[dict[str, torch.Tensor]] | None = None
+
+
+def _save_weights(model: Any, folder: Path, state_dict: dict[str, Any] | None) -> None:
     # PeftModel.save_pretrained writes only the adapter; a plain model writes its full weights.
-    model.save_pretrained(folder, safe_serialization=True)
+    kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
 
 
 def write(
@@ -44,9 +56,11 @@ def write(
     cfg: Config,
     state: dict[str, Any],
     optimizer: torch.optim.Optimizer | None,
+    gathered: Gathered | None = None,
 ) -> Path:
     """Write a checkpoint at ``folder`` atomically and return its path; a failed write raises
     :class:`~tunedeck.engine.durable.WriteFailed` naming its cause, and leaves no trace."""
+    gathered = gathered or Gathered()
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     durable.recover_dir(folder)
@@ -55,14 +69,17 @@ def write(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _save_weights(model, tmp)
+        _save_weights(model, tmp, gathered.model)
         tokenizer.save_pretrained(tmp)
         config_mod.save(cfg, tmp / "config.yaml")
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            optim_state = gathered.optimizer if gathered.optimizer is not None else optimizer.state_dict()
+            torch.save(optim_state, tmp / "optimizer.pt")
             rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
+            if gathered.rng_ranks is not None:
+                rng["ranks"] = gathered.rng_ranks
             torch.save(rng, tmp / "rng_state.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         durable.install_dir(tmp, folder)
@@ -186,16 +203,22 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
     model.load_state_dict(load_file(full, device=str(_device_of(model))), strict=False)
 
 
+def read_optimizer(folder: Path) -> dict[str, Any]:
+    return torch.load(Path(folder) / "optimizer.pt", weights_only=True, map_location="cpu")
+
+
 def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     # On the CPU first: torch's load_state_dict moves each moment to its parameter's device and keeps
     # ``step`` where the optimizer wants it (CPU unless fused or capturable).
-    optimizer.load_state_dict(
-        torch.load(Path(folder) / "optimizer.pt", weights_only=True, map_location="cpu")
-    )
+    optimizer.load_state_dict(read_optimizer(folder))
+
+
+def read_rng(folder: Path) -> dict[str, Any]:
+    return torch.load(Path(folder) / "rng_state.pt", weights_only=True)
 
 
 def load_rng(folder: Path) -> None:
-    rng = torch.load(Path(folder) / "rng_state.pt", weights_only=True)
+    rng = read_rng(folder)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

@@ -4,6 +4,11 @@ Exit status: 0 when the run completed or was stopped (saved), 1 when it failed o
 2 for bad usage, a bad config or bad data. Ctrl-C once (or SIGTERM, SIGHUP) stops and saves; twice
 cancels at once: when the engine does not end within ``CANCEL_GRACE_S`` (a model still loading, a
 call into a library that does not return), the command leaves it and exits, saying what it left.
+
+With ``--nproc-per-node N`` the same command runs again under torchrun (:mod:`tunedeck.engine.launch`).
+Each process it starts (or that ``torchrun ... -m tunedeck.engine.cli`` starts) runs this ``main``
+as one rank: rank 0 prints, reads commands and writes the run folder; the others print only their
+errors, which also reach rank 0.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
-from tunedeck.engine import builtin, control, preflight
+from tunedeck.engine import builtin, control, launch, preflight
 from tunedeck.engine import config as config_mod
 from tunedeck.engine.errors import ConfigError, TunedeckError, keep_traceback
 from tunedeck.engine.protocol import (
@@ -46,7 +51,17 @@ CANCEL_GRACE_S = 3.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tunedeck-train", description="Fine-tune a language model headless.")
+    """The options, with ``launch`` (torchrun's options, each None when not given) and ``argv`` (all
+    the others, as a process under torchrun gets them)."""
+    argv_given = argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    launch_args, rest = launch.parser().parse_known_args(argv)
+    p = argparse.ArgumentParser(
+        prog="tunedeck-train",
+        description="Fine-tune a language model headless.",
+        epilog=launch.epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config", nargs="?", help="YAML config (default: the builtin demo)")
     p.add_argument(
         "--set",
@@ -62,7 +77,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--control", metavar="FILE", help="apply JSON-line commands appended to FILE while the run goes"
     )
     p.add_argument("--quiet", action="store_true", help="print only warnings, errors and the result")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--on-nonfinite",
+        choices=("pause", "stop"),
+        help="on a non-finite loss: pause (to be resumed through a control file) or stop, failed, with "
+        "the last finite weights saved (default: pause with --control, else stop)",
+    )
+    args = p.parse_args(rest)
+    args.launch, args.argv = launch_args, rest
+    args.own_process = argv_given is None  # this process's command line: it may end the process
+    return args
 
 
 def build_config(args: argparse.Namespace) -> config_mod.Config:
@@ -86,9 +110,10 @@ def build_config(args: argparse.Namespace) -> config_mod.Config:
 class Printer:
     """Step lines, or a progress bar on a terminal, plus one line for every other event."""
 
-    def __init__(self, quiet: bool, stream: TextIO) -> None:
+    def __init__(self, quiet: bool, stream: TextIO, prefix: str = "") -> None:
         self.quiet = quiet
         self.stream = stream
+        self.prefix = prefix  # "[rank 1] " in a process other than rank 0
         self.bar: Any = None
         self.prep: Any = None  # the bar of a preparation (tokenizing) on a terminal
         self.tty = stream.isatty() and not quiet
@@ -99,7 +124,7 @@ class Printer:
             if bar is not None:
                 bar.write(text, file=self.stream)
             else:
-                print(text, file=self.stream, flush=True)
+                print(self.prefix + text, file=self.stream, flush=True)
         except (OSError, ValueError):
             # The terminal is gone (a hang-up, a closed pipe): the run goes on and is saved.
             self.bar = self.prep = None
@@ -222,111 +247,90 @@ class Watch:
         return f"step {self.step + 1} or a sample"
 
 
-class Signals:
-    """SIGINT, SIGTERM and SIGHUP: the first stops and saves, the next cancels at once.
-
-    The handler only notes the signal; :meth:`act`, called by the CLI's loop every few
-    milliseconds, prints and sends the command. A handler that printed or took the session's locks
-    could run inside the very write or lock it interrupted.
-    """
-
-    def __init__(self, say: Any) -> None:
-        self.say = say
-        self.count = 0
-        self.session: Any = None
-        self.cancel_at: float | None = None
-        self.abandoned = False  # the engine did not end within CANCEL_GRACE_S of a cancel
-        self._noted: list[str] = []
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # in-process callers on other threads keep their own handling
-        for name in STOP_SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                self._previous[sig] = signal.signal(sig, self._on_signal)
-
-    def restore(self) -> None:
-        """In-process callers (tests, notebooks) get their handlers back."""
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.session is None:
-            raise KeyboardInterrupt  # before the run: nothing to save
-        self._noted.append(signal.Signals(signum).name)
-
-    def act(self) -> None:
-        while self._noted:
-            name = self._noted.pop(0)
-            self.count += 1
-            if self.count == 1:
-                self.say(f"{name}: stopping after this step and saving (Ctrl-C again to cancel)")
-                self.session.send(Stop())
-            else:
-                self.say(f"{name}: cancelling")
-                self.session.send(Cancel())
-                if self.cancel_at is None:
-                    self.cancel_at = time.monotonic()
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command; ``argv`` None reads this process's command line (the installed command)."""
     args = parse_args(argv)
-    printer = Printer(args.quiet, sys.stderr if sys.stderr.isatty() else sys.stdout)
-    signals = Signals(printer.say)
-    signals.install()
     try:
-        code = _run(args, printer, signals)
-    except KeyboardInterrupt:
+        return _main(args)
+    except KeyboardInterrupt:  # before the run's own handlers: nothing to save
         print("tunedeck-train: interrupted before the run started; nothing to save", file=sys.stderr)
-        code = 1
+        return 1
     except Exception as e:  # a bug in this command itself: its traceback is kept, then one line
         where = keep_traceback(traceback.format_exc(), None)
         print(
             f"tunedeck-train: internal error: {type(e).__name__}: {e} (this is a bug; the traceback is {where})",
             file=sys.stderr,
         )
-        code = 1
-    finally:
-        signals.restore()
-        printer.close()
-    if signals.abandoned and argv is None:
-        # The engine is left in a call that does not return; the interpreter's teardown (seconds
-        # with torch loaded) need not wait. Every file written is whole or a hidden temporary one.
-        with contextlib.suppress(OSError, ValueError):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
-    return code
+        return 1
 
 
-def _run(args: argparse.Namespace, printer: Printer, signals: Signals) -> int:
+def _main(args: argparse.Namespace) -> int:
+    from tunedeck.engine import distributed
+
+    torchrun = launch.requested(args.launch) and not distributed.under_launcher()
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone writes and reads
     try:
+        if torchrun and (problem := launch.check(args.launch)):
+            raise ConfigError(problem, "see tunedeck-train --help")
         cfg = build_config(args)
-        if args.control:
+        if args.control and main_rank:
             control.check_path(Path(args.control))
         if args.resume:  # what cannot change on resume is refused here, before anything loads
             from tunedeck.engine import resume
 
             resume.prepare(args.resume, cfg)
-        preflight.check(cfg, args.resume)
+        world = launch.world_size(args.launch) if torchrun else distributed.launched_world_size()
+        preflight.check(cfg, args.resume, world_size=world, writes_run_folder=main_rank)
     except TunedeckError as e:
         print(f"tunedeck-train: error: {e.one_line()}", file=sys.stderr)
         return 2
+    if torchrun:
+        return launch.run(launch.torchrun_command(args.launch, args.argv))
+    try:
+        dist = distributed.Dist.from_env(cfg.train.distributed)
+    except TunedeckError as e:
+        print(f"tunedeck-train: error: {e.one_line()}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the others never came, or the rendezvous failed: torch says why
+        print(
+            f"tunedeck-train: error: could not join the other processes: {type(e).__name__}: {e}",
+            file=sys.stderr,
+        )
+        return 1
+    if not dist.enabled:
+        return _run(args, cfg, None)
+    code = _run(args, cfg, dist)
+    if code != 0:
+        # A failed run may leave collectives of the others waiting on this process: end it now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    dist.close()
+    return code
+
+
+def _run(args: argparse.Namespace, cfg: config_mod.Config, dist: Any) -> int:
+    """One run in this process: the whole run, or one rank's part of it (``dist``)."""
     from tunedeck.engine.session import TrainingSession
 
+    main_rank = dist is None or dist.is_main
+    stream = sys.stderr if sys.stderr.isatty() or not main_rank else sys.stdout
+    printer = Printer(args.quiet or not main_rank, stream, prefix="" if main_rank else f"[rank {dist.rank}] ")
     # Without a control file nobody can resume a paused run: a non-finite loss ends it instead.
-    session = TrainingSession(cfg, resume_from=args.resume, on_nonfinite="pause" if args.control else "stop")
-    ctl = control.ControlFile(Path(args.control), session.send, session.report) if args.control else None
-    signals.session = session
+    on_nonfinite = args.on_nonfinite or ("pause" if args.control else "stop")
+    session = TrainingSession(cfg, resume_from=args.resume, dist=dist, on_nonfinite=on_nonfinite)
+    signals = Signals(session, printer, dist)
+    ctl = (
+        control.ControlFile(Path(args.control), session.send, session.report)
+        if args.control and main_rank
+        else None
+    )
     session.start()
     if ctl:
         ctl.start()
     watch = Watch()
     end: EndEvent | None = None
+    last_error: ErrorEvent | None = None
     usage_error = False
     try:
         while end is None:
@@ -334,36 +338,40 @@ def _run(args: argparse.Namespace, printer: Printer, signals: Signals) -> int:
             for event in session.drain():
                 printer.handle(event)
                 watch.see(event)
+                if isinstance(event, ErrorEvent):
+                    last_error = event
                 usage_error |= (
                     isinstance(event, ErrorEvent)
                     and event.kind in ("config", "data")
                     and end is None
                     and session.run_dir is None
                 )
+                if isinstance(event, StartEvent) and ctl and _same_file(ctl.path, event.run_dir):
+                    ctl.stop()  # the session reads the run folder's control file itself
                 if isinstance(event, EndEvent):
                     end = event
             if end is None and not session.alive:
                 end = _lost(session, printer)
-            elif (
-                end is None
-                and signals.cancel_at is not None
-                and time.monotonic() - signals.cancel_at > CANCEL_GRACE_S
-            ):
+            elif end is None and signals.cancel_overdue():
                 printer.say(
                     f"cancelled: the engine is still busy with {watch.doing()}; leaving it "
                     "(checkpoints already written are complete)"
                 )
-                end = EndEvent(status="cancelled", step=watch.step, output=None)
                 signals.abandoned = True
+                session.abandon(None, status="cancelled")
             if end is None:
+                signals.check_deadline()
                 time.sleep(0.05)
     finally:
         if ctl:
             ctl.stop()
-        signals.restore()
         printer.close()
-    if not signals.abandoned:
-        session.join()
+        signals.restore()
+    session.join(timeout=1.0 if signals.abandoned else None)  # an abandoned thread may never end
+    if not main_rank:
+        if end.status == "failed" and last_error is not None:
+            dist.report_failure(last_error.message, last_error.kind, last_error.advice)
+        return 0 if end.status in ("completed", "stopped") else 1
     where = f" -> {end.output}" if end.output else ""
     with contextlib.suppress(OSError, ValueError):
         print(
@@ -371,9 +379,15 @@ def _run(args: argparse.Namespace, printer: Printer, signals: Signals) -> int:
             file=sys.stderr if args.quiet else printer.stream,
             flush=True,
         )
-    if end.status in ("completed", "stopped"):
-        return 0
-    return 2 if usage_error else 1
+    code = 0 if end.status in ("completed", "stopped") else 2 if usage_error else 1
+    if signals.abandoned and args.own_process and dist is None:
+        # The engine is left in a call that does not return; the interpreter's teardown (seconds
+        # with torch loaded) need not wait. Every file written is whole or a hidden temporary one.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _lost(session: Any, printer: Printer) -> EndEvent:
@@ -384,6 +398,96 @@ def _lost(session: Any, printer: Printer) -> EndEvent:
             return event
     printer.say("error: the training thread ended without reporting why (this is a bug; see stderr)")
     return EndEvent(status="failed", step=0, output=None)
+
+
+def _same_file(control: Path, run_dir: str) -> bool:
+    from tunedeck.engine.control import CONTROL_FILE
+
+    return bool(run_dir) and control.resolve() == (Path(run_dir) / CONTROL_FILE).resolve()
+
+
+class Signals:
+    """SIGINT, SIGTERM and SIGHUP: the first stops after the step and saves, the next cancels at once;
+    a cancel the engine does not obey within ``CANCEL_GRACE_S`` leaves it (see :meth:`cancel_overdue`).
+
+    The handler only notes the signal; :meth:`act`, called by the CLI's loop every few milliseconds,
+    prints and sends the command: a handler that printed or took the session's locks could run inside
+    the very write or lock it interrupted. On several processes rank 0 alone acts on signals (and tells
+    the others at the next step boundary; they ignore them), and SIGTERM or SIGHUP (torchrun's way to
+    end a job, or to end the others when one process died) stops and saves once; if the run has not
+    ended ``grace_s`` later, a process it waits on is gone, and the run's record ends with an error.
+    """
+
+    def __init__(self, session: Any, printer: Printer, dist: Any) -> None:
+        self.session, self.printer, self.dist = session, printer, dist
+        self.count = 0
+        self.cancel_at: float | None = None
+        self.deadline: float | None = None
+        self.abandoned = False
+        # torchrun gives its processes this long after SIGTERM before SIGKILL; end the record first.
+        self.grace_s = max(1.0, float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")) - 5.0)
+        self._noted: list[str] = []
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # in-process callers on other threads keep their own handling
+        main_rank = dist is None or dist.is_main
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self.previous[sig] = signal.signal(sig, self._note if main_rank else signal.SIG_IGN)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self._noted.append(signal.Signals(signum).name)
+
+    def act(self) -> None:
+        while self._noted:
+            name = self._noted.pop(0)
+            if self.dist is not None and name != "SIGINT":  # the launcher ends the job
+                if self.deadline is None:
+                    self.printer.say(f"{name}: stopping after this step and saving")
+                    self.deadline = time.monotonic() + self.grace_s
+                    self.session.send(Stop())
+                continue
+            self.count += 1
+            if self.count == 1:
+                self.printer.say(f"{name}: stopping after this step and saving (Ctrl-C again to cancel)")
+                self.session.send(Stop())
+            else:
+                self.printer.say(f"{name}: cancelling")
+                self.session.send(Cancel())
+                if self.cancel_at is None:
+                    self.cancel_at = time.monotonic()
+
+    def cancel_overdue(self) -> bool:
+        """A cancel was sent ``CANCEL_GRACE_S`` ago and the run has not ended: the engine is stuck."""
+        return (
+            not self.abandoned
+            and self.cancel_at is not None
+            and time.monotonic() - self.cancel_at > CANCEL_GRACE_S
+        )
+
+    def check_deadline(self) -> None:
+        if self.deadline is None or self.abandoned or time.monotonic() < self.deadline:
+            return
+        self.abandoned = True
+        failed = self.dist.failures() if self.dist is not None else {}
+        if failed:
+            r, e = min(failed.items())
+            self.session.abandon(
+                f"process {r} of {self.dist.world_size} failed: {e['message']}", e["kind"], e["advice"]
+            )
+        else:
+            self.session.abandon(
+                f"the run did not end within {self.grace_s:.0f} s of the launcher's stop signal: a process "
+                "it waits on is gone or stuck",
+                "internal",
+                "torchrun's report names the process and how it ended; resume from the last checkpoint",
+            )
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():  # in-process callers get their handlers back
+            signal.signal(sig, handler)
+        self.previous.clear()
 
 
 if __name__ == "__main__":

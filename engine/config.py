@@ -46,6 +46,7 @@ DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 ATTN_NAMES = ("sdpa", "eager", "flash_attention_2")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DISTRIBUTED_NAMES = ("ddp", "fsdp")
 
 # What can change while a run goes (DESIGN.md, "Commands and live changes").
 LIVE_KEYS = (
@@ -231,6 +232,14 @@ class TrainConfig:
         "inductor's mode when torch_compile is on: reduce-overhead adds CUDA graphs (fixed shapes "
         "only), max-autotune searches kernels for longer.",
         COMPILE_MODES,
+    )
+    distributed: str = _f(
+        "ddp",
+        "How several processes (tunedeck-train --nproc-per-node N, or torchrun) share the work. ddp: each "
+        "process holds the whole model and they average gradients. fsdp: FSDP2 shards the weights, "
+        "gradients and optimizer state over the processes, for a model that does not fit one GPU. One "
+        "process ignores it.",
+        DISTRIBUTED_NAMES,
     )
 
 

@@ -1,4 +1,6 @@
-"""A control file: JSON-line commands appended to a file while a run goes (the CLI's ``--control``).
+"""Commands from a file: JSON lines appended to it while a run goes (``<run>/control.jsonl``, or the
+CLI's ``--control FILE``). Another process steers a run by appending to it, and a window following a
+run folder sends its commands this way.
 
 Only what is written after the start counts. Every line that is not a command (not UTF-8, not
 JSON, not a command object) becomes an ``error`` event, recorded in metrics.jsonl like the
@@ -20,8 +22,15 @@ from typing import Any
 from tunedeck.engine.errors import ConfigError
 from tunedeck.engine.protocol import ErrorEvent, Event
 
+CONTROL_FILE = "control.jsonl"
 EXAMPLE = 'one JSON object per line, e.g. {"cmd": "set", "learning_rate": 5e-5} or {"cmd": "stop"}'
 _TAIL = 64  # bytes before the read position compared to tell an append from a rewrite
+
+
+def append(path: Path, command: dict[str, Any]) -> None:
+    """Add one command to a control file: one line in one write, which appends whole on a local disk."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(command) + "\n")
 
 
 def check_path(path: Path) -> None:
@@ -44,14 +53,23 @@ def check_path(path: Path) -> None:
 
 
 class ControlFile:
-    """Follows ``path`` and hands each command to ``send``; bad lines go to ``report`` as errors."""
+    """Follows ``path`` and hands each command to ``send``; bad lines go to ``report`` as errors.
+    ``offset``: where this run's commands begin (by default, the file's end when made)."""
 
     POLL_S = 0.2
 
-    def __init__(self, path: Path, send: Callable[[Any], None], report: Callable[[Event], None]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        send: Callable[[Any], None],
+        report: Callable[[Event], None],
+        offset: int | None = None,
+    ) -> None:
         self.path, self.send, self.report = Path(path), send, report
         check_path(self.path)
-        self._seen = self._read_all() or b""  # what was there before the start is not for this run
+        before = self._read_all() or b""
+        # What was there before this run is not for it; what follows ``offset`` is.
+        self._seen = before if offset is None else before[:offset]
         self._identity = self._stat_identity()
         self._partial = b""
         self._lines = 0

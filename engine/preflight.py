@@ -24,25 +24,32 @@ _PLANNED_STEPS = 1000
 _KERNEL_FS = ("/proc", "/sys")
 
 
-def check(cfg: Config, resume: str | Path | None = None) -> None:
+def check(
+    cfg: Config, resume: str | Path | None = None, world_size: int = 1, writes_run_folder: bool = True
+) -> None:
     """Raise the first problem :func:`problems` would find (a :class:`TunedeckError`), without
     looking further: the checks that need no torch come first, so most mistakes cost no import."""
-    for problem in _found(cfg, resume):
+    for problem in _found(cfg, resume, world_size, writes_run_folder):
         raise problem
 
 
-def problems(cfg: Config, resume: str | Path | None = None) -> list[TunedeckError]:
+def problems(
+    cfg: Config, resume: str | Path | None = None, world_size: int = 1, writes_run_folder: bool = True
+) -> list[TunedeckError]:
     """Every problem found with ``cfg`` on this machine, in the order a user would fix them.
-    ``resume``: the checkpoint a run continues from (its run folder must be writable)."""
-    return list(_found(cfg, resume))
+    ``resume``: the checkpoint a run continues from; ``world_size``: the processes of the run;
+    ``writes_run_folder``: False in the processes of a run that leave it to rank 0."""
+    return list(_found(cfg, resume, world_size, writes_run_folder))
 
 
-def _found(cfg: Config, resume: str | Path | None) -> Iterator[TunedeckError]:
+def _found(
+    cfg: Config, resume: str | Path | None, world_size: int, writes_run_folder: bool
+) -> Iterator[TunedeckError]:
     steps: list[Callable[[], None]] = [
         lambda: _model(cfg),
         lambda: _data(cfg),
-        lambda: writable_folder(*_run_parent(cfg, resume)),
-        lambda: _hardware(cfg),
+        lambda: writable_folder(*_run_parent(cfg, resume)) if writes_run_folder else None,
+        lambda: _hardware(cfg, world_size),
         lambda: _schedule(cfg),
     ]
     for step in steps:
@@ -64,12 +71,13 @@ def _data(cfg: Config) -> None:
         raise missing
 
 
-def _hardware(cfg: Config) -> None:
+def _hardware(cfg: Config, world_size: int) -> None:
     import torch
 
-    from tunedeck.engine import model, optim
+    from tunedeck.engine import distributed, model, optim
 
     optim.check_available(cfg.train.optim)
+    distributed.check(cfg, world_size)
     model.quantization_config(cfg, torch.float32)
     model.resolve_dtype(cfg.model.dtype, model.pick_device())
     if cfg.model.attn_implementation == "flash_attention_2":

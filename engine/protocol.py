@@ -260,7 +260,8 @@ class StepEvent(Event):
     step_time_s: float = 0.0
     mem_allocated_mb: float = 0.0
     mem_reserved_mb: float = 0.0
-    mem_peak_mb: float = 0.0
+    mem_peak_mb: float = 0.0  # on several processes: the largest of theirs
+    mem_peak_mb_ranks: list[float] | None = None  # on several processes: each one's, by rank
     elapsed_s: float = 0.0
     eta_s: float | None = None
     total_steps: int = 0

@@ -2,7 +2,9 @@
 
 The GUI, the CLI and the tests all go through this class. ``send`` and ``drain`` never block;
 every event is also appended to ``<run>/metrics.jsonl`` (flushed per line) and, when the
-``tensorboard`` package is installed, to TensorBoard event files in the run folder.
+``tensorboard`` package is installed, to TensorBoard event files in the run folder. Commands appended to
+``<run>/control.jsonl`` while the run goes are sent as well, so another process (a window following the
+run folder) can steer it.
 """
 
 from __future__ import annotations
@@ -14,12 +16,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunedeck.engine.config import Config
+from tunedeck.engine.control import CONTROL_FILE, ControlFile
 from tunedeck.engine.errors import TunedeckError, keep_traceback
 from tunedeck.engine.monitor import SystemSampler
-from tunedeck.engine.protocol import Cancel, Command, EndEvent, ErrorEvent, Event, command_from_dict
+from tunedeck.engine.protocol import (
+    Cancel,
+    Command,
+    EndEvent,
+    ErrorEvent,
+    Event,
+    WarningEvent,
+    command_from_dict,
+)
 from tunedeck.engine.sinks import RunLog, default_sinks
 
 if TYPE_CHECKING:
+    from tunedeck.engine.distributed import Dist
     from tunedeck.engine.sampling import Sampler
     from tunedeck.engine.trainer import Trainer
 
@@ -32,7 +44,9 @@ class TrainingSession:
     system sampler in seconds; 0 turns it off (with ``train.logging_steps`` above 1, monitoring off).
     ``on_nonfinite``: ``pause`` on a non-finite loss (the window, or a CLI with a control file, can
     lower the LR and resume) or ``stop`` (a headless run that nothing can resume ends as failed, with
-    the last finite weights saved).
+    the last finite weights saved). ``dist`` places the run's process among several; only rank 0's
+    session writes the run folder, samples the system and reads the control file (the others' events
+    stay in their queue).
     """
 
     def __init__(
@@ -42,6 +56,7 @@ class TrainingSession:
         *,
         system_interval: float = 1.0,
         on_nonfinite: str = "pause",
+        dist: Dist | None = None,
     ) -> None:
         if config is None and resume_from is None:
             raise ValueError("a TrainingSession needs a config or a checkpoint to resume from")
@@ -49,14 +64,20 @@ class TrainingSession:
         self.resume_from = resume_from
         self.system_interval = system_interval
         self.on_nonfinite = on_nonfinite
+        self.dist = dist
         self._events: queue.Queue[Event] = queue.Queue()
         self._commands: queue.Queue[Command] = queue.Queue()
         self._cancel = threading.Event()
         self._log = RunLog()
+        self._ending = threading.Lock()  # one end event, whether the run's or abandon()'s
+        self._control: ControlFile | None = None
         self._thread: threading.Thread | None = None
         self._trainer: Trainer | None = None
         self.run_dir: Path | None = None
         self.end: EndEvent | None = None
+        self._main_process = dist is None or dist.is_main
+        if not self._main_process:
+            self._log.open([])  # rank 0 alone writes the run folder
 
     def start(self) -> None:
         if self._thread is not None:
@@ -119,10 +140,45 @@ class TrainingSession:
             self._events.put(notice)
         self._events.put(event)
 
+    def abandon(
+        self, message: str | None, kind: str = "internal", advice: str = "", status: str = "failed"
+    ) -> None:
+        """End the run's record now without waiting for its thread (stuck, e.g., in a collective whose
+        other side is gone, or in a call that does not return after a cancel): an error (when there
+        is a ``message``) and an end of ``status`` go to the events and the run folder. A no-op once
+        the run has ended by itself."""
+        self._finish(
+            EndEvent(status=status, step=self._trainer.step if self._trainer else 0, output=None),
+            ErrorEvent(message=message, kind=kind, advice=advice) if message is not None else None,
+        )
+
     def _set_run_dir(self, run_dir: Path) -> None:
         self.run_dir = run_dir
+        control = run_dir / CONTROL_FILE
+        # Its size now: a follower appends only after it has seen this run's start event, written later.
+        offset = control.stat().st_size if control.exists() else 0
         for notice in self._log.open(default_sinks(run_dir)):
             self._events.put(notice)
+        try:
+            self._control = ControlFile(control, self.send, self.report, offset=offset)
+        except TunedeckError as e:  # e.g. a folder named control.jsonl: the run goes on without it
+            self._emit(WarningEvent(message=e.message, kind=e.kind, advice="the run goes on without it"))
+            return
+        self._control.start()
+
+    def _finish(self, end: EndEvent, error: Event | None = None) -> None:
+        with self._ending:
+            if self.end is not None:
+                return
+            if self._control is not None:
+                self._control.stop()
+            if error is not None:
+                self._emit(error)
+            self.end = end
+            # The end goes out last: after what writing it (and closing the log) had to say.
+            for notice in self._log.write(end) + self._log.close():
+                self._events.put(notice)
+            self._events.put(end)
 
     def _main(self) -> None:
         import torch
@@ -142,11 +198,12 @@ class TrainingSession:
                 self._emit,
                 self._commands,
                 resume,
-                on_run_dir=self._set_run_dir,
+                on_run_dir=self._set_run_dir if self._main_process else None,
                 cancel=self._cancel,
                 on_nonfinite=self.on_nonfinite,
+                dist=self.dist,
             )
-            if self.system_interval > 0:  # 0 turns the system sampler off
+            if self.system_interval > 0 and self._main_process:  # 0 turns the system sampler off
                 monitor = SystemSampler(
                     self._emit, use_gpu=torch.cuda.is_available(), interval=self.system_interval
                 )
@@ -169,9 +226,4 @@ class TrainingSession:
         finally:
             if monitor is not None:
                 monitor.stop()
-        self.end = end
-        # The end goes out last: after what writing it (and closing the log) had to say.
-        notices = self._log.write(end) + self._log.close()
-        for notice in notices:
-            self._events.put(notice)
-        self._events.put(end)
+        self._finish(end)

@@ -359,4 +359,5 @@ class RunLog:
                 if notices:
                     out += notices
                     notices.clear()
+            self._sinks = []  # a late event (a thread the run left behind) goes nowhere
             return out
