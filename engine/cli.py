@@ -439,6 +439,10 @@ class Signals:
     def _note(self, signum: int, frame: Any) -> None:
         self._noted.append(signal.Signals(signum).name)
 
+    @staticmethod
+    def _said(name: str) -> str:
+        return "interrupt" if name == "SIGINT" else name
+
     def act(self) -> None:
         while self._noted:
             name = self._noted.pop(0)
@@ -450,10 +454,12 @@ class Signals:
                 continue
             self.count += 1
             if self.count == 1:
-                self.printer.say(f"{name}: stopping after this step and saving (Ctrl-C again to cancel)")
+                self.printer.say(
+                    f"{self._said(name)}: stopping after this step and saving (Ctrl-C again to cancel)"
+                )
                 self.session.send(Stop())
             else:
-                self.printer.say(f"{name}: cancelling")
+                self.printer.say(f"{self._said(name)}: cancelling")
                 self.session.send(Cancel())
                 if self.cancel_at is None:
                     self.cancel_at = time.monotonic()

@@ -100,7 +100,7 @@ def signalled(tmp_path_factory):
     stuck = procs["stuck"]
     stuck.wait_for("model...")
     stuck.p.send_signal(signal.SIGINT)
-    stuck.wait_for("SIGINT: stopping after this step and saving")
+    stuck.wait_for("interrupt: stopping after this step and saving")
     stuck.p.send_signal(signal.SIGINT)
     second = time.monotonic()
     results = {"stuck": stuck.finish()}
@@ -115,7 +115,8 @@ def test_a_stop_signal_stops_and_saves(signalled, name):
     root, procs, results = signalled
     p, run = procs[name], root / name
     assert results[name] == 0, p.text
-    assert f"{name}: stopping after this step and saving (Ctrl-C again to cancel)" in p.text
+    said = "interrupt" if name == "SIGINT" else name
+    assert f"{said}: stopping after this step and saving (Ctrl-C again to cancel)" in p.text
     (last,) = [x for x in p.out if x.startswith("stopped at step ")]
     step = int(last.split()[3])
     assert last == f"stopped at step {step} -> {run / 'final'}"
