@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# On Linux, tunedeck first checks the system libraries Qt's xcb plugin needs: a missing one is named
+# in one line with the apt-get command that installs it, and make stops there (exit 2).
 run: $(STAMP)
 	$(VENV)/bin/tunedeck $(ARGS)
 

@@ -2,14 +2,20 @@
 # Everything issue 4 needs from a CUDA machine, in stages that fit the device tool's 600 s per call:
 #   bash bench/gpu_check.sh            tests + bench (about 8-9 minutes on an H100)
 #   bash bench/gpu_check.sh compile    the fixed job again with the engine under torch.compile (~3 min)
+#   bash bench/gpu_check.sh dist       the fixed job in one process (a thread) and under torchrun with one
+#                                      rank, alternating, and both timings (~4-5 min)
 # Stages:
 #   tests    install the carried wheels (bitsandbytes, liger-kernel, pytest) into /tmp/site, print the
 #            versions and what torch's varlen_attn takes, then pytest -m gpu tests/engine/test_gpu.py;
 #   bench    the benchmark in GPU mode, both jobs, the engine's monitoring on and off;
-#   compile  the fixed job with an extra engine side under torch_compile (inductor).
+#   compile  the fixed job with an extra engine side under torch_compile (inductor);
+#   dist     bench.dist_vs_thread: tunedeck-train and tunedeck-train --nproc-per-node 1 (torchrun; with one
+#            rank the engine's distributed hooks do nothing) on the fixed job, each a fresh command,
+#            thread/torchrun/torchrun/thread; prints tokens/s and ms/step of both and whether the last
+#            losses are equal.
 # Run from the repository root, with the wheels in .whl/ (see docs/BENCHMARKS.md for how to fetch
 # them). Everything is tee'd to $OUT (default ./gpu-check-out): gpu_check.log, pytest_gpu.txt,
-# bench_gpu.log/json, bench_compile.log/json.
+# bench_gpu.log/json, bench_compile.log/json, bench_dist.log/json.
 set -u
 STAGES="${*:-tests bench}"
 has() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
@@ -73,6 +79,12 @@ if has compile; then
   timeout 330 $PY -m bench.vs_trainer --mode gpu --job fixed --steps 20 --warmup 15 --repeats 1 \
     --variant compile:train.torch_compile=true --out "$OUT/bench_compile.json" 2>&1 \
     | grep -v "^{'loss'" | tee "$OUT/bench_compile.log"
+fi
+
+if has dist; then
+  stamp "one process vs torchrun with one rank (fixed job)"
+  timeout 420 $PY -m bench.dist_vs_thread --mode gpu --nproc 1 --steps 20 --warmup 5 --repeats 2 \
+    --out "$OUT/bench_dist.json" 2>&1 | tee "$OUT/bench_dist.log"
 fi
 
 stamp "done"

@@ -1,23 +1,32 @@
 """``tunedeck-train``: the engine headless, with a progress bar and live commands from a file.
 
 Exit status: 0 when the run completed or was stopped (saved), 1 when it failed or was cancelled,
-2 for bad usage or a bad config. Ctrl-C once stops and saves; twice cancels.
+2 for bad usage, a bad config or bad data. Ctrl-C once (or SIGTERM, SIGHUP) stops and saves; twice
+cancels at once: when the engine does not end within ``CANCEL_GRACE_S`` (a model still loading, a
+call into a library that does not return), the command leaves it and exits, saying what it left.
+
+With ``--nproc-per-node N`` the same command runs again under torchrun (:mod:`tunedeck.engine.launch`).
+Each process it starts (or that ``torchrun ... -m tunedeck.engine.cli`` starts) runs this ``main``
+as one rank: rank 0 prints, reads commands and writes the run folder; the others print only their
+errors, which also reach rank 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
-from tunedeck.engine import builtin
+from tunedeck.engine import builtin, control, launch, preflight
 from tunedeck.engine import config as config_mod
-from tunedeck.engine.errors import ConfigError, TunedeckError
+from tunedeck.engine.errors import ConfigError, TunedeckError, keep_traceback
 from tunedeck.engine.protocol import (
     Cancel,
     ChangeEvent,
@@ -39,10 +48,22 @@ from tunedeck.engine.protocol import (
 )
 
 DEMO_PRESET = builtin.DEMO_PRESET
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+CANCEL_GRACE_S = 3.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tunedeck-train", description="Fine-tune a language model headless.")
+    """The options, with ``launch`` (torchrun's options, each None when not given) and ``argv`` (all
+    the others, as a process under torchrun gets them)."""
+    argv_given = argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    launch_args, rest = launch.parser().parse_known_args(argv)
+    p = argparse.ArgumentParser(
+        prog="tunedeck-train",
+        description="Fine-tune a language model headless.",
+        epilog=launch.epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config", nargs="?", help="YAML config (default: the builtin demo)")
     p.add_argument(
         "--set",
@@ -71,7 +92,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     find.add_argument("--find-lr-end", type=float, default=defaults.end_lr, metavar="LR", help="%(default)g")
     find.add_argument("--find-lr-steps", type=int, default=defaults.steps, metavar="N", help="%(default)s")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--on-nonfinite",
+        choices=("pause", "stop"),
+        help="on a non-finite loss: pause (to be resumed through a control file) or stop, failed, with "
+        "the last finite weights saved (default: pause with --control, else stop)",
+    )
+    args = p.parse_args(rest)
+    args.launch, args.argv = launch_args, rest
+    args.own_process = argv_given is None  # this process's command line: it may end the process
+    return args
 
 
 def find_options(args: argparse.Namespace) -> FindLR | None:
@@ -98,74 +128,28 @@ def build_config(args: argparse.Namespace) -> config_mod.Config:
     return config_mod.apply_overrides(cfg, overrides) if overrides else cfg
 
 
-def preflight(cfg: config_mod.Config) -> None:
-    """Refuse, before loading anything, what cannot run on this machine."""
-    import torch
-
-    from tunedeck.engine import model, optim
-
-    optim.check_available(cfg.train.optim)
-    model.quantization_config(cfg, torch.float32)
-    model.resolve_dtype(cfg.model.dtype, model.pick_device())
-
-
-class ControlFile:
-    """Tails FILE for JSON lines (only what is appended after the start) and hands them to ``send``."""
-
-    def __init__(self, path: Path, send: Any, say: Any) -> None:
-        self.path, self.send, self.say = path, send, say
-        self.path.touch(exist_ok=True)
-        self.offset = self.path.stat().st_size
-        self.buffer = ""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def poll(self) -> None:
-        size = self.path.stat().st_size if self.path.exists() else 0
-        if size < self.offset:  # truncated or replaced: read it from the top
-            self.offset = 0
-        if size == self.offset:
-            return
-        with open(self.path, encoding="utf-8") as f:
-            f.seek(self.offset)
-            self.buffer += f.read()
-            self.offset = f.tell()
-        *lines, self.buffer = self.buffer.split("\n")
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                self.send(json.loads(line))
-            except json.JSONDecodeError as e:
-                self.say(f"control: ignored a line that is not JSON ({e.msg}): {line.strip()[:80]}")
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            self.poll()
-
-
 class Printer:
     """Step lines, or a progress bar on a terminal, plus one line for every other event."""
 
-    def __init__(self, quiet: bool, stream: TextIO) -> None:
+    def __init__(self, quiet: bool, stream: TextIO, prefix: str = "") -> None:
         self.quiet = quiet
         self.stream = stream
+        self.prefix = prefix  # "[rank 1] " in a process other than rank 0
         self.bar: Any = None
         self.prep: Any = None  # the bar of a preparation (tokenizing) on a terminal
         self.tty = stream.isatty() and not quiet
 
     def say(self, text: str) -> None:
         bar = self.bar or self.prep
-        if bar is not None:
-            bar.write(text, file=self.stream)
-        else:
-            print(text, file=self.stream, flush=True)
+        try:
+            if bar is not None:
+                bar.write(text, file=self.stream)
+            else:
+                print(self.prefix + text, file=self.stream, flush=True)
+        except (OSError, ValueError):
+            # The terminal is gone (a hang-up, a closed pipe): the run goes on and is saved.
+            self.bar = self.prep = None
+            self.stream = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
 
     def handle(self, e: Event) -> None:
         match e:
@@ -279,76 +263,291 @@ class Printer:
     def close(self) -> None:
         for bar in (self.prep, self.bar):
             if bar is not None:
-                bar.close()
+                with contextlib.suppress(OSError, ValueError):
+                    bar.close()
         self.bar = self.prep = None
 
 
+class Watch:
+    """What the run is doing, from its events, to say what a cancel leaves behind."""
+
+    def __init__(self) -> None:
+        self.state = "loading"
+        self.stage = "model"
+        self.step = 0
+
+    def see(self, e: Event) -> None:
+        match e:
+            case StateEvent():
+                self.state = e.state
+            case ProgressEvent():
+                self.stage = e.stage
+            case StepEvent():
+                self.step = e.step
+
+    def doing(self) -> str:
+        if self.state == "loading":
+            return "loading the model" if self.stage == "model" else f"preparing the run ({self.stage})"
+        if self.state == "stopping":
+            return "the final save (a checkpoint is renamed into place only once complete)"
+        return f"step {self.step + 1} or a sample"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command; ``argv`` None reads this process's command line (the installed command)."""
     args = parse_args(argv)
     try:
+        return _main(args)
+    except KeyboardInterrupt:  # before the run's own handlers: nothing to save
+        print("tunedeck-train: interrupted before the run started; nothing to save", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug in this command itself: its traceback is kept, then one line
+        where = keep_traceback(traceback.format_exc(), None)
+        print(
+            f"tunedeck-train: internal error: {type(e).__name__}: {e} (this is a bug; the traceback is {where})",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _main(args: argparse.Namespace) -> int:
+    from tunedeck.engine import distributed
+
+    torchrun = launch.requested(args.launch) and not distributed.under_launcher()
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone writes and reads
+    try:
+        if torchrun and (problem := launch.check(args.launch)):
+            raise ConfigError(problem, "see tunedeck-train --help")
         cfg = build_config(args)
+        if args.control and main_rank:
+            control.check_path(Path(args.control))
         if args.resume:  # what cannot change on resume is refused here, before anything loads
             from tunedeck.engine import resume
 
             resume.prepare(args.resume, cfg)
-        preflight(cfg)
-        find = find_options(args)
+        world = launch.world_size(args.launch) if torchrun else distributed.launched_world_size()
+        preflight.check(cfg, args.resume, world_size=world, writes_run_folder=main_rank)
+        args.find = find_options(args)
+        if args.find is not None and world > 1:
+            raise ConfigError(
+                f"--find-lr runs on one process, not {world}: run it without --nproc-per-node (or "
+                "torchrun), then train on several with the learning rate it suggests"
+            )
     except TunedeckError as e:
         print(f"tunedeck-train: error: {e.one_line()}", file=sys.stderr)
         return 2
+    if torchrun:
+        return launch.run(launch.torchrun_command(args.launch, args.argv))
+    try:
+        dist = distributed.Dist.from_env(cfg.train.distributed)
+    except TunedeckError as e:
+        print(f"tunedeck-train: error: {e.one_line()}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the others never came, or the rendezvous failed: torch says why
+        print(
+            f"tunedeck-train: error: could not join the other processes: {type(e).__name__}: {e}",
+            file=sys.stderr,
+        )
+        return 1
+    if not dist.enabled:
+        return _run(args, cfg, None)
+    code = _run(args, cfg, dist)
+    if code != 0:
+        # A failed run may leave collectives of the others waiting on this process: end it now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    dist.close()
+    return code
+
+
+def _run(args: argparse.Namespace, cfg: config_mod.Config, dist: Any) -> int:
+    """One run in this process: the whole run, or one rank's part of it (``dist``)."""
     from tunedeck.engine.session import TrainingSession
 
-    printer = Printer(args.quiet, sys.stderr if sys.stderr.isatty() else sys.stdout)
-    session = TrainingSession(cfg, resume_from=args.resume, find_lr_only=find)
-    interrupts = {"n": 0}
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        interrupts["n"] += 1
-        if interrupts["n"] == 1:
-            printer.say("interrupt: stopping after this step and saving (Ctrl-C again to cancel)")
-            session.send(Stop())
-        else:
-            session.send(Cancel())
-
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGINT, on_sigint)
-    control = ControlFile(Path(args.control), session.send, printer.say) if args.control else None
+    main_rank = dist is None or dist.is_main
+    stream = sys.stderr if sys.stderr.isatty() or not main_rank else sys.stdout
+    printer = Printer(args.quiet or not main_rank, stream, prefix="" if main_rank else f"[rank {dist.rank}] ")
+    # Without a control file nobody can resume a paused run: a non-finite loss ends it instead.
+    on_nonfinite = args.on_nonfinite or ("pause" if args.control else "stop")
+    session = TrainingSession(
+        cfg, resume_from=args.resume, dist=dist, on_nonfinite=on_nonfinite, find_lr_only=args.find
+    )
+    signals = Signals(session, printer, dist)
+    ctl = (
+        control.ControlFile(Path(args.control), session.send, session.report)
+        if args.control and main_rank
+        else None
+    )
     session.start()
-    if control:
-        control.start()
+    if ctl:
+        ctl.start()
+    watch = Watch()
     end: EndEvent | None = None
-    config_error = False
+    last_error: ErrorEvent | None = None
+    usage_error = False
     try:
         while end is None:
+            signals.act()
             for event in session.drain():
                 printer.handle(event)
-                config_error |= (
+                watch.see(event)
+                if isinstance(event, ErrorEvent):
+                    last_error = event
+                usage_error |= (
                     isinstance(event, ErrorEvent)
-                    and event.kind == "config"
+                    and event.kind in ("config", "data")
                     and end is None
                     and session.run_dir is None
                 )
+                if isinstance(event, StartEvent) and ctl and _same_file(ctl.path, event.run_dir):
+                    ctl.stop()  # the session reads the run folder's control file itself
                 if isinstance(event, EndEvent):
                     end = event
+            if end is None and not session.alive:
+                end = _lost(session, printer)
+            elif end is None and signals.cancel_overdue():
+                printer.say(
+                    f"cancelled: the engine is still busy with {watch.doing()}; leaving it "
+                    "(checkpoints already written are complete)"
+                )
+                signals.abandoned = True
+                session.abandon(None, status="cancelled")
             if end is None:
+                signals.check_deadline()
                 time.sleep(0.05)
     finally:
-        if control:
-            control.stop()
+        if ctl:
+            ctl.stop()
         printer.close()
-        if previous is not None:  # in-process callers (tests, notebooks) get their handler back
-            signal.signal(signal.SIGINT, previous)
-    session.join()
+        signals.restore()
+    session.join(timeout=1.0 if signals.abandoned else None)  # an abandoned thread may never end
+    if not main_rank:
+        if end.status == "failed" and last_error is not None:
+            dist.report_failure(last_error.message, last_error.kind, last_error.advice)
+        return 0 if end.status in ("completed", "stopped") else 1
     where = f" -> {end.output}" if end.output else ""
-    print(
-        f"{end.status} at step {end.step}{where}",
-        file=sys.stderr if args.quiet else printer.stream,
-        flush=True,
-    )
-    if end.status in ("completed", "stopped"):
-        return 0
-    return 2 if config_error else 1
+    with contextlib.suppress(OSError, ValueError):
+        print(
+            f"{end.status} at step {end.step}{where}",
+            file=sys.stderr if args.quiet else printer.stream,
+            flush=True,
+        )
+    code = 0 if end.status in ("completed", "stopped") else 2 if usage_error else 1
+    if signals.abandoned and args.own_process and dist is None:
+        # The engine is left in a call that does not return; the interpreter's teardown (seconds
+        # with torch loaded) need not wait. Every file written is whole or a hidden temporary one.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _lost(session: Any, printer: Printer) -> EndEvent:
+    """The engine thread ended without an end event (it never should): say so and end."""
+    for event in session.drain():
+        printer.handle(event)
+        if isinstance(event, EndEvent):
+            return event
+    printer.say("error: the training thread ended without reporting why (this is a bug; see stderr)")
+    return EndEvent(status="failed", step=0, output=None)
+
+
+def _same_file(control: Path, run_dir: str) -> bool:
+    from tunedeck.engine.control import CONTROL_FILE
+
+    return bool(run_dir) and control.resolve() == (Path(run_dir) / CONTROL_FILE).resolve()
+
+
+class Signals:
+    """SIGINT, SIGTERM and SIGHUP: the first stops after the step and saves, the next cancels at once;
+    a cancel the engine does not obey within ``CANCEL_GRACE_S`` leaves it (see :meth:`cancel_overdue`).
+
+    The handler only notes the signal; :meth:`act`, called by the CLI's loop every few milliseconds,
+    prints and sends the command: a handler that printed or took the session's locks could run inside
+    the very write or lock it interrupted. On several processes rank 0 alone acts on signals (and tells
+    the others at the next step boundary; they ignore them), and SIGTERM or SIGHUP (torchrun's way to
+    end a job, or to end the others when one process died) stops and saves once; if the run has not
+    ended ``grace_s`` later, a process it waits on is gone, and the run's record ends with an error.
+    """
+
+    def __init__(self, session: Any, printer: Printer, dist: Any) -> None:
+        self.session, self.printer, self.dist = session, printer, dist
+        self.count = 0
+        self.cancel_at: float | None = None
+        self.deadline: float | None = None
+        self.abandoned = False
+        # torchrun gives its processes this long after SIGTERM before SIGKILL; end the record first.
+        self.grace_s = max(1.0, float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")) - 5.0)
+        self._noted: list[str] = []
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # in-process callers on other threads keep their own handling
+        main_rank = dist is None or dist.is_main
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self.previous[sig] = signal.signal(sig, self._note if main_rank else signal.SIG_IGN)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self._noted.append(signal.Signals(signum).name)
+
+    @staticmethod
+    def _said(name: str) -> str:
+        return "interrupt" if name == "SIGINT" else name
+
+    def act(self) -> None:
+        while self._noted:
+            name = self._noted.pop(0)
+            if self.dist is not None and name != "SIGINT":  # the launcher ends the job
+                if self.deadline is None:
+                    self.printer.say(f"{name}: stopping after this step and saving")
+                    self.deadline = time.monotonic() + self.grace_s
+                    self.session.send(Stop())
+                continue
+            self.count += 1
+            if self.count == 1:
+                self.printer.say(
+                    f"{self._said(name)}: stopping after this step and saving (Ctrl-C again to cancel)"
+                )
+                self.session.send(Stop())
+            else:
+                self.printer.say(f"{self._said(name)}: cancelling")
+                self.session.send(Cancel())
+                if self.cancel_at is None:
+                    self.cancel_at = time.monotonic()
+
+    def cancel_overdue(self) -> bool:
+        """A cancel was sent ``CANCEL_GRACE_S`` ago and the run has not ended: the engine is stuck."""
+        return (
+            not self.abandoned
+            and self.cancel_at is not None
+            and time.monotonic() - self.cancel_at > CANCEL_GRACE_S
+        )
+
+    def check_deadline(self) -> None:
+        if self.deadline is None or self.abandoned or time.monotonic() < self.deadline:
+            return
+        self.abandoned = True
+        failed = self.dist.failures() if self.dist is not None else {}
+        if failed:
+            r, e = min(failed.items())
+            self.session.abandon(
+                f"process {r} of {self.dist.world_size} failed: {e['message']}", e["kind"], e["advice"]
+            )
+        else:
+            self.session.abandon(
+                f"the run did not end within {self.grace_s:.0f} s of the launcher's stop signal: a process "
+                "it waits on is gone or stuck",
+                "internal",
+                "torchrun's report names the process and how it ended; resume from the last checkpoint",
+            )
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():  # in-process callers get their handlers back
+            signal.signal(sig, handler)
+        self.previous.clear()
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 ATTN_NAMES = ("sdpa", "eager", "flash_attention_2")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DISTRIBUTED_NAMES = ("ddp", "fsdp")
 
 # What can change while a run goes (DESIGN.md, "Commands and live changes").
 LIVE_KEYS = (
@@ -238,6 +239,14 @@ class TrainConfig:
         "only), max-autotune searches kernels for longer.",
         COMPILE_MODES,
     )
+    distributed: str = _f(
+        "ddp",
+        "How several processes (tunedeck-train --nproc-per-node N, or torchrun) share the work. ddp: each "
+        "process holds the whole model and they average gradients. fsdp: FSDP2 shards the weights, "
+        "gradients and optimizer state over the processes, for a model that does not fit one GPU. One "
+        "process ignores it.",
+        DISTRIBUTED_NAMES,
+    )
 
 
 @dataclass
@@ -358,6 +367,11 @@ def _range(where: str, value: float, ok: bool, allowed: str) -> None:
         raise ConfigError(f"{where}={value!r} is out of range", f"{where} must be {allowed}")
 
 
+def _plain_name(name: str) -> bool:
+    """A name that stays one folder inside train.output_dir."""
+    return name == "" or not ("/" in name or "\\" in name or "\0" in name or name.strip(".") == "")
+
+
 def validate_value(section: str, key: str, value: Any) -> Any:
     """Coerce and check one value; return it in its proper type."""
     value = coerce(section, key, value)
@@ -379,7 +393,7 @@ def validate_value(section: str, key: str, value: Any) -> Any:
         "train.per_device_train_batch_size": (lambda v: v >= 1, "a whole number >= 1"),
         "train.per_device_eval_batch_size": (lambda v: v >= 1, "a whole number >= 1"),
         "train.gradient_accumulation_steps": (lambda v: 1 <= v <= 4096, "a whole number from 1 to 4096"),
-        "train.num_train_epochs": (lambda v: v > 0, "> 0"),
+        "train.num_train_epochs": (lambda v: 0 < v < math.inf, "a finite number > 0"),
         "train.max_steps": (lambda v: v == -1 or v >= 1, "-1 (use epochs) or >= 1"),
         "train.max_grad_norm": (lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
         "train.weight_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -390,10 +404,18 @@ def validate_value(section: str, key: str, value: Any) -> Any:
         "train.eval_steps": (lambda v: v >= 0, ">= 0 (0: only on request)"),
         "train.save_steps": (lambda v: v >= 0, ">= 0 (0: only on request)"),
         "train.save_total_limit": (lambda v: v >= 0, ">= 0 (0 keeps all)"),
+        # numpy's and HF's set_seed take at most 32 bits; torch's generator at most 64.
+        "train.seed": (lambda v: 0 <= v < 2**32, "a whole number from 0 to 4294967295"),
     }
     if where in checks:
         ok, allowed = checks[where]
         _range(where, value, ok(value), allowed)
+    if where == "train.run_name" and not _plain_name(value):
+        raise ConfigError(
+            f"train.run_name={value!r} is not a plain folder name (a run folder lies directly in "
+            "train.output_dir)",
+            "give a name without /, \\ or .., or leave it empty for a time stamp",
+        )
     if where == "train.autopilot":
         # Imported here: autopilot builds protocol commands, and protocol imports this module.
         from tunedeck.engine.autopilot import check_rules
@@ -496,11 +518,12 @@ def dump(cfg: Config) -> str:
 
 
 def save(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML, atomically and synced (a crash leaves the old file or the new one)."""
+    from tunedeck.engine import durable
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(dump(cfg), encoding="utf-8")
-    tmp.replace(p)
+    durable.write_text(p, dump(cfg))
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

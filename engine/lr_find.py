@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tunedeck.engine import data
 from tunedeck.engine.errors import TunedeckError
 from tunedeck.engine.plan import StepPlan
 from tunedeck.engine.protocol import FindLR, LrFindEvent, ProgressEvent
@@ -119,8 +118,7 @@ def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float | None, floa
 
 def _sweep_step(trainer: Trainer, lr: float) -> float:
     """One optimizer step of the sweep at ``lr``; its loss (read before the update, as the run's)."""
-    batches = trainer._next_batches()
-    n_targets = max(1, sum(data.count_targets(b) for b in batches))
+    batches, n_targets, _ = trainer._next_batches()
     loss_sum = torch.zeros((), device=trainer.device)
     for b in batches:
         with trainer._compute():

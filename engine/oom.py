@@ -113,6 +113,10 @@ class Healer:
             try:
                 return step()
             except torch.OutOfMemoryError as e:
+                if trainer.dist.enabled:
+                    # The other ranks are already inside this step's collectives: a smaller batch on one
+                    # rank alone would break their lockstep, so the run ends on every rank instead.
+                    raise
                 message = (str(e).strip().splitlines() or ["out of memory"])[0]
                 if self._updating:
                     raise TunedeckError(

@@ -165,7 +165,7 @@ def command_from_dict(data: dict[str, Any]) -> Command:
             f'e.g. {{"cmd": "set", "learning_rate": 2e-4}}; commands: {", ".join(COMMANDS)}',
         )
     name = data["cmd"]
-    if name not in COMMANDS:
+    if not isinstance(name, str) or name not in COMMANDS:
         raise ConfigError(f"unknown command {name!r}", f"commands: {', '.join(COMMANDS)}")
     rest = {k: v for k, v in data.items() if k != "cmd"}
     if name == "set":
@@ -291,7 +291,8 @@ class StepEvent(Event):
     step_time_s: float = 0.0
     mem_allocated_mb: float = 0.0
     mem_reserved_mb: float = 0.0
-    mem_peak_mb: float = 0.0
+    mem_peak_mb: float = 0.0  # on several processes: the largest of theirs
+    mem_peak_mb_ranks: list[float] | None = None  # on several processes: each one's, by rank
     elapsed_s: float = 0.0
     eta_s: float | None = None
     total_steps: int = 0

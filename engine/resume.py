@@ -42,6 +42,7 @@ SETUP_KEYS = frozenset(
         "train.torch_compile",
         "train.torch_compile_backend",
         "train.torch_compile_mode",
+        "train.distributed",  # how processes share the work: the checkpoint's layout is the same
     }
 )
 OUTPUT_KEYS = ("train.output_dir", "train.run_name")

@@ -12,9 +12,11 @@ read from the device once per optimizer step, together.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,12 +31,15 @@ from tunedeck.engine import (
     autopilot,
     checkpoint,
     data,
+    distributed,
+    durable,
     liger,
     lr_find,
     oom,
     optim,
     packing,
     precision,
+    preflight,
     sampling,
 )
 from tunedeck.engine import config as config_mod
@@ -42,6 +47,7 @@ from tunedeck.engine import model as model_mod
 from tunedeck.engine import resume as resume_mod
 from tunedeck.engine import rollback as rollback_mod
 from tunedeck.engine.config import LIVE_KEYS, Config, validate_value
+from tunedeck.engine.distributed import Dist
 from tunedeck.engine.errors import ConfigError, TunedeckError
 from tunedeck.engine.monitor import step_memory
 from tunedeck.engine.plan import StepPlan
@@ -82,14 +88,27 @@ OOM_ADVICE = (
 NAN_ADVICE = (
     "lower the learning rate (set learning_rate) or max_grad_norm, then resume; the weights were not updated"
 )
+NAN_STOP_ADVICE = (
+    "resume from that checkpoint with a lower train.learning_rate or train.max_grad_norm; "
+    "run with --control FILE to pause on a non-finite loss instead of ending"
+)
+NONFINITE = ("pause", "stop")
+
+
+class _Cancelled(Exception):
+    """Cancel was asked for while the run was still being set up."""
 
 
 class Trainer:
     """One run. ``cfg`` is the run's whole config (for a resume, the checkpoint's, with any changes);
     ``resume`` the checkpoint it continues. ``cancel``, when set, ends the run at the next boundary
-    and stops a generation between tokens, ahead of any queued command. ``leave_a_core_free``: on the
-    CPU, train on all cores but one, for a window that shares the process. ``find_lr_only``: after
-    setting up, run that learning-rate range test instead of training, and end."""
+    and stops a generation between tokens, ahead of any queued command; during setup, between its
+    stages. ``on_nonfinite``: what a non-finite loss does: ``pause`` (someone can change the LR and
+    resume: the window, a control file) or ``stop`` (a run nobody can resume ends as failed, with the
+    last finite weights saved). ``dist`` is this process's place in a run on several processes
+    (:mod:`tunedeck.engine.distributed`); by default the only one. ``leave_a_core_free``: on the CPU,
+    train on all cores but one, for a window that shares the process. ``find_lr_only``: after setting
+    up, run that learning-rate range test instead of training, and end."""
 
     def __init__(
         self,
@@ -101,8 +120,17 @@ class Trainer:
         cancel: threading.Event | None = None,
         leave_a_core_free: bool = False,
         find_lr_only: FindLR | None = None,
+        on_nonfinite: str = "pause",
+        dist: Dist | None = None,
     ) -> None:
+        if on_nonfinite not in NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE}, not {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite: tuple[float, float] | None = None
+        self.checkpoint_bytes = 0  # the size of the last checkpoint written
+        self._low_space_warned = False
         self.cfg = cfg
+        self.dist = dist or Dist()
         self.emit = emit
         self.commands = commands
         self.resume = resume
@@ -135,8 +163,11 @@ class Trainer:
         status = "failed"
         try:
             self._set_state("loading")
+            self.dist.enter()
             self.setup()
             status = self.train() if self.find_lr_only is None else self._find_lr_and_end(self.find_lr_only)
+        except _Cancelled:
+            status = "cancelled"
         except TunedeckError as e:
             self.emit(ErrorEvent(message=e.message, kind=e.kind, advice=e.advice))
         except torch.OutOfMemoryError:
@@ -144,6 +175,13 @@ class Trainer:
             self.emit(
                 ErrorEvent(message=f"out of memory at step {self.step + 1}", kind="oom", advice=OOM_ADVICE)
             )
+        except Exception as e:
+            # On several processes, a collective that fails because another process failed ends this one
+            # with that process's error; anything else is this process's own bug.
+            failure = self.dist.peer_failure(e) if self.dist.enabled else None
+            if failure is None:
+                raise
+            self.emit(ErrorEvent(message=failure.message, kind=failure.kind, advice=failure.advice))
         output = None
         if status in ("completed", "stopped") and self.run_dir is not None:
             output = str(self.run_dir / ("final" if self.find_lr_only is None else lr_find.RESULT_FILE))
@@ -152,17 +190,26 @@ class Trainer:
 
     def setup(self) -> None:
         t = self.cfg.train
-        optim.check_available(t.optim)
+        preflight.check(
+            self.cfg,
+            self.resume.folder if self.resume is not None else None,
+            world_size=self.dist.world_size,
+            writes_run_folder=self.dist.is_main,
+        )
         torch.manual_seed(t.seed)
         self._setup_model()
+        self.dist.seed(t.seed)
+        self._check_cancel()
         self._setup_data()
+        self._check_cancel()
         self.plan = StepPlan.create(
             len(self.train_examples),
-            t.per_device_train_batch_size,
+            t.per_device_train_batch_size * self.dist.world_size,  # examples of all processes together
             t.gradient_accumulation_steps,
             t.num_train_epochs,
             t.max_steps,
         )
+        self._distribute()
         self._setup_optimizer(self.plan.total_steps)
         if self.resume is not None:
             self._restore(self.resume)
@@ -175,7 +222,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         self.emit(ProgressEvent(stage="model", done=0, total=1))
-        self.loaded = model_mod.load(self.cfg)
+        self.loaded = model_mod.load(self.cfg, self.dist.device)
         if self.loaded.device.type == "cpu" and self.leave_a_core_free:
             _leave_a_core_free()
         self.model, self.tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
@@ -187,7 +234,7 @@ class Trainer:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        splits = data.load_examples(cfg.data, self.tokenizer, cfg.train.seed)
+        splits = data.load_examples(cfg.data, self.tokenizer, cfg.train.seed, progress=self.emit)
         self.train_examples, self.eval_examples = splits.train, splits.eval
         self.data_format = splits.format
         self.data_info = {
@@ -205,6 +252,11 @@ class Trainer:
                     advice="raise data.max_length to keep them",
                 )
             )
+
+    def _distribute(self) -> None:
+        """The module a training step calls: DDP's wrapper, or the model itself (in one process, or
+        sharded in place by FSDP2)."""
+        self.train_model = self.dist.wrap(self.model)
 
     def _setup_optimizer(self, total_steps: int) -> None:
         t = self.cfg.train
@@ -229,8 +281,12 @@ class Trainer:
         state = resume.state
         if rewind:
             self._rewind_live_values(resume.cfg.train)
-        checkpoint.load_weights(self.model, resume.folder)
-        checkpoint.load_optimizer(self.optimizer, resume.folder)
+        if self.dist.shards:
+            self.dist.load_weights(self.model, resume.folder)
+            self.dist.load_optimizer(self.model, self.optimizer, checkpoint.read_optimizer(resume.folder))
+        else:
+            checkpoint.load_weights(self.model, resume.folder)
+            checkpoint.load_optimizer(self.optimizer, resume.folder)
         self.schedule.load_state_dict(state["schedule"])
         if "plan" in state:
             self.plan = StepPlan.from_state(state["plan"])
@@ -241,7 +297,39 @@ class Trainer:
             self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.autopilot.load_state_dict(state.get("autopilot", {}), keep_counts=rewind)
         self.last_lr = self.schedule.last_lr()
-        checkpoint.load_rng(resume.folder)
+        if self.dist.enabled:
+            self.dist.restore_rng(checkpoint.read_rng(resume.folder), self.cfg.train.seed)
+        else:
+            checkpoint.load_rng(resume.folder)
+        self._fit_processes(int(state.get("world_size", 1)))
+
+    def _fit_processes(self, saved: int) -> None:
+        """A checkpoint of N processes on M: the micro-batch of all processes together stays, so the same
+        examples make each step; each process's share is what changes."""
+        assert self.plan is not None
+        n = self.dist.world_size
+        if saved == n:
+            return
+        total = self.plan.batch_size
+        if total % n:
+            fits = ", ".join(str(d) for d in range(1, total + 1) if total % d == 0)
+            raise ConfigError(
+                f"the checkpoint's micro-batch of {total} examples (all {saved} processes together) "
+                f"does not split evenly over {n} processes",
+                f"resume on {fits} processes",
+            )
+        t = self.cfg.train
+        if t.per_device_train_batch_size != total // n:
+            self.emit(
+                WarningEvent(
+                    message=f"resumed on {n} process(es) a run of {saved}: per_device_train_batch_size "
+                    f"{t.per_device_train_batch_size} -> {total // n}, so each micro-batch still takes "
+                    f"{total} examples in all and the run goes on as it was",
+                    kind="config",
+                    advice="if that does not fit in memory, resume on more processes",
+                )
+            )
+            t.per_device_train_batch_size = total // n
 
     def _rewind_live_values(self, then: config_mod.TrainConfig) -> None:
         t = self.cfg.train
@@ -285,6 +373,12 @@ class Trainer:
         self.compiled = t.torch_compile_backend + (f" ({kwargs['mode']})" if "mode" in kwargs else "")
 
     def _open_run_dir(self) -> None:
+        if self.dist.is_main:
+            self._make_run_dir()
+        # The other processes only name it (events, checkpoint paths); rank 0 alone writes there.
+        self.run_dir = self.dist.from_main(self.run_dir)
+
+    def _make_run_dir(self) -> None:
         home = resume_mod.home(self.resume, self.cfg.train) if self.resume is not None else None
         if home is not None:
             self.run_dir = home
@@ -293,17 +387,32 @@ class Trainer:
             if self.resume is not None:  # a new folder for a resume: beside its parent unless told where
                 root = resume_mod.output_root(self.resume, self.cfg.train)
             name = self.cfg.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
-            run_dir, n = root / name, 1
-            while run_dir.exists():
-                n += 1
-                run_dir = root / f"{name}-{n}"
-            self.run_dir = run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.resume is not None and home is None:
-            self.parent = resume_mod.write_parent(self.run_dir, self.resume)
-        config_mod.save(self.cfg, self.run_dir / "config.yaml")
+            self.run_dir = durable.make_run_dir(root, name)
+        run_dir, resume = self.run_dir, self.resume
+        if resume is not None and home is None:
+            self.parent = self._write_or_warn(
+                resume_mod.PARENT_FILE, lambda: resume_mod.write_parent(run_dir, resume)
+            )
+        # Every checkpoint holds its config too: a run whose copy here cannot be written goes on.
+        self._write_or_warn("config.yaml", lambda: config_mod.save(self.cfg, run_dir / "config.yaml"))
         if self.on_run_dir is not None:
             self.on_run_dir(self.run_dir)
+
+    def _write_or_warn(self, name: str, write: Callable[[], Any]) -> Any:
+        """Write a file of the run folder and return what ``write`` returns; one that cannot be
+        written is a warning (None returned), and the run goes on."""
+        assert self.run_dir is not None
+        try:
+            return write()
+        except OSError as e:
+            self.emit(
+                WarningEvent(
+                    message=f"could not write {self.run_dir / name}: {durable.describe(e, self.run_dir)}",
+                    kind="config",
+                    advice=durable.WRITE_ADVICE,
+                )
+            )
+            return None
 
     def _start_event(self) -> StartEvent:
         assert self.plan is not None and self.run_dir is not None
@@ -317,6 +426,7 @@ class Trainer:
                 "attention": f"{attention.VARLEN} ({self.varlen})" if self.varlen else attn,
                 "optimizer": optim.actual_name(self.cfg.train.optim, self.device),
                 "threads": torch.get_num_threads(),
+                **self.dist.describe(),
             },
             data=self.data_info,
             total_steps=self.plan.total_steps,
@@ -353,8 +463,10 @@ class Trainer:
             plan = self.plan  # a rollback at the boundary replaces it
             began = time.perf_counter()
             loss, grad_norm, tokens = self.healer.run(self._optimizer_step)
-            if loss is None:
-                continue  # non-finite: paused (or the autopilot acts), nothing was updated
+            if loss is None:  # non-finite: nothing was updated
+                if self.nonfinite is not None and self.on_nonfinite == "stop":
+                    return self._finish("nonfinite")
+                continue  # paused (or the autopilot acts)
             # The loss read inside the step synchronised the device, so this is the step's true time.
             step_time = time.perf_counter() - began
             first = plan.step == start_step + 1
@@ -384,36 +496,50 @@ class Trainer:
             }
         return batch
 
-    def _next_batches(self) -> list[dict[str, Any]]:
-        """The collated micro-batches of the next optimizer step (the plan moves past them)."""
+    def _next_batches(self) -> tuple[list[dict[str, Any]], int, int]:
+        """This process's collated micro-batches of the next optimizer step (the plan moves past them),
+        with the target tokens and the tokens of the whole step, all processes together."""
         assert self.plan is not None
         pad, packed = self.tokenizer.pad_token_id, self.cfg.data.packing
         out = []
+        targets = tokens = 0
         for s in self.plan.next_step():
             order = self._order(s.epoch)
             examples = [self.train_examples[order[i]] for i in range(s.start, s.stop)]
+            if self.dist.enabled:
+                n_targets, n_tokens = distributed.example_counts(examples)
+                targets, tokens = targets + n_targets, tokens + n_tokens
+                examples = self.dist.shard(examples)
             out.append(packing.prepare_batch(data.collate(examples, pad, packing=packed), bool(self.varlen)))
-        return out
+        if not self.dist.enabled:
+            # Counted on the host before the copy, so normalising costs no device sync.
+            targets = sum(data.count_targets(b) for b in out)
+            tokens = sum(
+                int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                for b in out
+            )
+        return out, max(1, targets), tokens
 
     def _optimizer_step(self) -> tuple[float | None, float | None, int]:
         assert self.plan is not None
         t = self.cfg.train
-        batches = self._next_batches()
-        # Counted on the host before the copy, so normalising costs no device sync.
-        n_targets = max(1, sum(data.count_targets(b) for b in batches))
-        tokens = sum(
-            int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-            for b in batches
-        )
+        batches, n_targets, tokens = self._next_batches()
+        items = self.dist.loss_items(n_targets)
         loss_sum = torch.zeros((), device=self.device)
-        for b in batches:
-            with self._compute():
-                out = self.model(**self._to_device(b), num_items_in_batch=n_targets)
-            out.loss.backward()
+        for i, b in enumerate(batches):
+            with self.dist.sync_gradients(self.train_model, last=i == len(batches) - 1):
+                with self._compute():
+                    out = self.train_model(**self._to_device(b), num_items_in_batch=items)
+                out.loss.backward()
             loss_sum += out.loss.detach()
         clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
-        loss, norm = torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device)]).tolist()
+        if self.dist.enabled:
+            grad_norm = self.dist.clip_grad_norm(self.trainable, clip)
+            reading = self.dist.reduce_step(loss_sum, grad_norm, step_memory(self.device))
+            loss, norm, self._memory = reading.loss, reading.grad_norm, reading.memory
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+            loss, norm = torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device)]).tolist()
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             if self.autopilot.nonfinite(self.step + 1, loss, norm):
@@ -425,6 +551,9 @@ class Trainer:
                         advice="",
                     )
                 )
+                return None, None, tokens
+            self.nonfinite = (loss, norm)
+            if self.on_nonfinite == "stop":
                 return None, None, tokens
             self.emit(
                 WarningEvent(
@@ -464,7 +593,8 @@ class Trainer:
                 elapsed_s=self.elapsed_before + time.perf_counter() - self.t0,
                 eta_s=self.step_time_ema * (plan.total_steps - plan.step),
                 total_steps=plan.total_steps,
-                **step_memory(self.device),
+                # Several processes: read in the step's reduction (the maximum, and each one's peak).
+                **(self._memory if self.dist.enabled else step_memory(self.device)),
             )
         )
 
@@ -476,6 +606,8 @@ class Trainer:
         verdict = self._autopilot_boundary()
         if verdict is not None:
             return verdict
+        if self.dist.enabled:
+            return self._shared_boundary()
         while True:
             if self.cancel.is_set():
                 return "cancelled"
@@ -488,6 +620,38 @@ class Trainer:
             verdict = self._apply(cmd)
             if verdict is not None:
                 return verdict
+
+    def _shared_boundary(self) -> str | None:
+        """On several processes: rank 0's commands, broadcast, applied by every process in the same order.
+        While paused, rank 0 broadcasts at least every ``HEARTBEAT_S`` (an empty list when nothing came)."""
+        while True:
+            for cmd in self.dist.share(self._main_commands() if self.dist.is_main else []):
+                verdict = self._apply(cmd)
+                if verdict is not None:
+                    return verdict
+            if self.state != "paused":
+                return None
+
+    def _main_commands(self) -> list[Command]:
+        """What rank 0 has for this boundary: a cancel ahead of all, else every queued command (while
+        paused, waiting up to a heartbeat for one)."""
+        if self.cancel.is_set():
+            return [Cancel()]
+        out: list[Command] = []
+        with contextlib.suppress(queue.Empty):
+            if self.state == "paused":
+                out.append(self.commands.get(timeout=distributed.HEARTBEAT_S))
+            while True:
+                out.append(self.commands.get_nowait())
+        if self.dist.shards:
+            # Under FSDP2 every process generates, in step: they must draw the same tokens.
+            out = [
+                dataclasses.replace(c, seed=random.SystemRandom().randrange(2**63))
+                if isinstance(c, Sample) and c.seed is None and c.temperature > 0
+                else c
+                for c in out
+            ]
+        return [Cancel()] if self.cancel.is_set() else out
 
     def _apply(self, cmd: Command) -> str | None:
         try:
@@ -522,6 +686,12 @@ class Trainer:
                         self.state == "paused" or self.step == 0,
                         "find_lr: the run is training",
                         "send pause first (find_lr runs before the first step or while paused)",
+                    )
+                    _require(
+                        not self.dist.enabled,
+                        f"find_lr: this run goes on {self.dist.world_size} processes; the range test "
+                        "runs on one",
+                        "run tunedeck-train --find-lr on one process, then set the learning rate it suggests",
                     )
                     self.find_lr(cmd)
                 case _:
@@ -652,7 +822,12 @@ class Trainer:
         checked = self._check_set(resume_mod.rollback_values(resumed.cfg, values), resumed.cfg.train)
         from_step = self.step
         self._restore(resumed, rewind=True)
-        branch = rollback_mod.open_branch(self.run_dir, from_step, self.step, folder.name)
+        branch = (
+            rollback_mod.open_branch(self.run_dir, from_step, self.step, folder.name)
+            if self.dist.is_main
+            else None
+        )
+        self.dist.barrier()  # on several processes the others go on with the run folder as rank 0 left it
         self.emit(
             RollbackEvent(from_step=from_step, to_step=self.step, checkpoint=folder.name, branch=branch)
         )
@@ -730,16 +905,18 @@ class Trainer:
         ]
         n_targets = max(1, sum(data.count_targets(b) for b in batches))
         total = torch.zeros((), device=self.device)
-        for b in batches:
+        for b in self.dist.eval_share(batches):
             with self._compute():
                 total += self.model(**self._to_device(b), num_items_in_batch=n_targets).loss.float()
-        loss = float(total)
+        loss = self.dist.sum(total)
         self.model.train(was_training)
         self.autopilot.observe_eval(self.step, loss)
         self.emit(EvalEvent(step=self.step, eval_loss=loss, perplexity=math.exp(min(loss, 50.0))))
         return loss
 
     def sample(self, prompt: str, options: sampling.SamplingOptions) -> str:
+        if self.dist.enabled and not self.dist.shards and not self.dist.is_main:
+            return ""  # under DDP rank 0 generates alone; the others wait at the next boundary
         text = sampling.generate(
             self.model,
             self.tokenizer,
@@ -747,7 +924,8 @@ class Trainer:
             prompt,
             options,
             compute=self._compute,
-            should_stop=self.cancel.is_set,
+            # Under FSDP2 every process generates: all stop at the same token when rank 0 is cancelled.
+            should_stop=self.dist.any_of(self.cancel.is_set) if self.dist.shards else self.cancel.is_set,
         )
         self.emit(SampleEvent(step=self.step, prompt=prompt, text=text))
         return text
@@ -784,12 +962,29 @@ class Trainer:
             "run_id": self.run_dir.name if self.run_dir else None,
             "data_format": self.data_format,
             "autopilot": self.autopilot.state_dict(),
+            "world_size": self.dist.world_size,
         }
 
     def save_checkpoint(self, folder: Path | None = None, with_optimizer: bool = True) -> Path | None:
         """Write a checkpoint; a failed write is an error event and the run goes on (None returned)."""
         assert self.run_dir is not None
         folder = folder or self.run_dir / "checkpoints" / checkpoint.step_dir_name(self.step)
+        # On several processes all take part (FSDP2 gathers the full state to rank 0); rank 0 writes.
+        gathered = checkpoint.Gathered(
+            model=self.dist.model_state(self.model, trainable_only=self.cfg.lora.enabled),
+            optimizer=self.dist.optimizer_state(self.model, self.optimizer) if with_optimizer else None,
+            rng_ranks=self.dist.rng_states() if with_optimizer else None,
+        )
+        path = self._write_checkpoint(folder, with_optimizer, gathered) if self.dist.is_main else folder
+        # The others go on once rank 0 has written it: a rollback or the autopilot may read it next.
+        self.dist.barrier()
+        return path
+
+    def _write_checkpoint(
+        self, folder: Path, with_optimizer: bool, gathered: checkpoint.Gathered
+    ) -> Path | None:
+        optimizer = self.optimizer if with_optimizer else None
+        self._warn_low_space(folder, optimizer)
         try:
             path = checkpoint.write(
                 folder,
@@ -797,34 +992,70 @@ class Trainer:
                 tokenizer=self.tokenizer,
                 cfg=self.cfg,
                 state=self.trainer_state(),
-                optimizer=self.optimizer if with_optimizer else None,
+                optimizer=optimizer,
+                gathered=gathered,
             )
-        except OSError as e:
+        # Not OSError alone: torch.save raises RuntimeError and safetensors SafetensorError.
+        except Exception as e:
+            going_on = self.state != "stopping"
             self.emit(
                 ErrorEvent(
-                    message=f"could not save {folder}: {e.strerror or e}",
-                    kind="internal",
-                    advice="free disk space or point train.output_dir elsewhere; earlier checkpoints "
-                    "are untouched and training goes on",
+                    message=f"could not save {folder}: {durable.cause(e, folder)}",
+                    kind="config",
+                    advice=durable.WRITE_ADVICE + ("; training goes on" if going_on else ""),
                 )
             )
             return None
+        if with_optimizer:
+            self.checkpoint_bytes = durable.folder_bytes(path)
         if folder.parent.name == "checkpoints":
             keep = {checkpoint.step_dir_name(s) for s in self.autopilot.protected()}
             checkpoint.prune(folder.parent, self.cfg.train.save_total_limit, keep)
         self.emit(CheckpointEvent(step=self.step, path=str(path)))
         return path
 
+    def _warn_low_space(self, folder: Path, optimizer: torch.optim.Optimizer | None) -> None:
+        """A warning, once until the space is back, when a checkpoint may not fit twice."""
+        needed = self.checkpoint_bytes or checkpoint.estimate_bytes(self.model, optimizer)
+        low = durable.low_space(folder, needed)
+        if low is not None and not self._low_space_warned:
+            self.emit(WarningEvent(message=low, kind="config", advice=durable.WRITE_ADVICE))
+        self._low_space_warned = low is not None
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise _Cancelled
+
     def _finish(self, verdict: str) -> str:
         assert self.run_dir is not None
         if verdict == "cancelled":
             return "cancelled"
         self._set_state("stopping")
+        if verdict == "nonfinite":
+            return self._end_nonfinite()
         if verdict == "stopped":
             self.save_checkpoint()
         if self.save_checkpoint(self.run_dir / "final", with_optimizer=False) is None:
             return "failed"
         return verdict
+
+    def _end_nonfinite(self) -> str:
+        """A run nobody can resume ends at a non-finite loss, with its last finite weights saved."""
+        assert self.nonfinite is not None
+        loss, norm = self.nonfinite
+        path = self.save_checkpoint()
+        saved = (
+            f"the last finite weights are in {path}" if path else "the last finite weights could not be saved"
+        )
+        self.emit(
+            ErrorEvent(
+                message=f"loss {loss} / grad norm {norm} at step {self.step + 1} is not finite; "
+                f"the run ends, as nothing can resume it; {saved}",
+                kind="nan",
+                advice=NAN_STOP_ADVICE,
+            )
+        )
+        return "failed"
 
     # ------------------------------------------------------------ helpers
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from tunedeck.engine import builtin
+from tunedeck.gui import system_libs
 
 ICON = builtin.RESOURCES / "icons" / "tunedeck.svg"
 
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.config and not Path(args.config).is_file():
         print(f"tunedeck: config file {args.config} does not exist", file=sys.stderr)
+        return 2
+    problem = system_libs.check()
+    if problem:  # said before Qt loads its platform plugin, which would abort with a misleading message
+        print(problem, file=sys.stderr)
         return 2
 
     from PySide6.QtCore import QTimer

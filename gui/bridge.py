@@ -1,7 +1,8 @@
 """The one place where the engine's background thread meets Qt's main thread.
 
 :class:`SessionBridge` owns a ``TrainingSession``. A QTimer on the main thread drains the
-session's events every ~50 ms and re-emits them as Qt signals, in batches, so the step rate never
+session's events every ~50 ms and re-emits them as one Qt signal per batch (``events``; ``ended``
+once the run is over), so the step rate never
 drives the GUI: at 10,000 steps/s the window still sees 20 batches a second. Commands go the
 other way through :meth:`send`, which never blocks and never raises (the engine answers a refused
 command with an ``error`` event).
@@ -22,14 +23,14 @@ from PySide6.QtCore import QObject, QTimer, Signal
 
 from tunedeck.engine.errors import TunedeckError
 from tunedeck.engine.protocol import (
-    ChangeEvent,
+    CheckpointEvent,
     Command,
     EndEvent,
     ErrorEvent,
+    EvalEvent,
     Event,
-    SampleEvent,
-    StartEvent,
     StateEvent,
+    StepEvent,
 )
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,9 @@ def default_factory(config, resume_from=None, find_lr_only=None):
 
 
 class SessionBridge(QObject):
-    """Drains a TrainingSession on a timer and re-emits its events as Qt signals."""
+    """Drains a TrainingSession on a timer and re-emits its events in batches (``events``, then ``ended``)."""
 
     events = Signal(list)  # every drained batch, in order
-    started = Signal(object)  # StartEvent
-    state_changed = Signal(str)  # loading | running | paused | stopping | finished
-    changed = Signal(object)  # ChangeEvent
-    sampled = Signal(object)  # SampleEvent
-    error = Signal(object)  # ErrorEvent
     ended = Signal(object)  # EndEvent; the session's thread is over when this fires
 
     def __init__(
@@ -154,32 +150,21 @@ class SessionBridge(QObject):
 
     def _deliver(self, batch: list[Event]) -> None:
         end: EndEvent | None = None
-        for ev in batch:
-            step = getattr(ev, "step", None)
-            if isinstance(step, int) and not isinstance(ev, EndEvent):
-                self.step = max(self.step, step)
-            if isinstance(ev, StateEvent):
-                self.state = ev.state
-            elif isinstance(ev, EndEvent):
-                end = ev
+        for i, ev in enumerate(batch):
+            match ev:
+                case EndEvent():
+                    end = ev
+                    batch = batch[: i + 1]  # everything after the end event is dropped: the run is over
+                    break
+                case StateEvent(state=state):
+                    self.state = state
+                case StepEvent(step=step) | EvalEvent(step=step) | CheckpointEvent(step=step):
+                    self.step = max(self.step, step)
         if end is not None:
-            # Everything after the end event is dropped: the run is over.
-            batch = batch[: batch.index(end) + 1]
             self._timer.stop()
             self._ended = True
             self.state = "idle"
             self.wait(2.0)  # the thread only closes its log after the end event
         self.events.emit(batch)
-        for ev in batch:
-            if isinstance(ev, StartEvent):
-                self.started.emit(ev)
-            elif isinstance(ev, StateEvent):
-                self.state_changed.emit(ev.state)
-            elif isinstance(ev, ChangeEvent):
-                self.changed.emit(ev)
-            elif isinstance(ev, SampleEvent):
-                self.sampled.emit(ev)
-            elif isinstance(ev, ErrorEvent):
-                self.error.emit(ev)
         if end is not None:
             self.ended.emit(end)

@@ -87,6 +87,7 @@ STEP_FIELDS = {
     "loss": "loss",
     "lr": "learning_rate",
     "grad_norm": "grad_norm",
+    "tokens": "tokens",
     "tokens_per_s": "tokens_per_s",
     "mem_allocated": "mem_allocated_mb",
     "mem_reserved": "mem_reserved_mb",
@@ -103,6 +104,12 @@ SYSTEM_FIELDS = {
     "gpu_total": "gpu_mem_total_mb",
     "gpu_util": "gpu_util",
 }
+# Read by the window next to each system event (the machine's memory, which the engine does not
+# report): NaN where nobody measured it, as in a run read back from its folder.
+HOST_FIELDS = ("host_used", "host_total")
+
+# What the x axis can count.
+X_MODES = {"step": "optimizer step", "tokens": "tokens seen", "time": "wall time"}
 
 
 @dataclass
@@ -143,6 +150,8 @@ class RunHistory:
     state: str = ""
     status: str = ""  # end status, empty while running
     output: str | None = None
+    started: float = 0.0  # unix time of the start event
+    ended: float = 0.0  # unix time of the end event
     changes: list[Change] = field(default_factory=list)
     checkpoints: list[tuple[int, str]] = field(default_factory=list)
     branches: list[Branch] = field(default_factory=list)  # abandoned by rollbacks, oldest first
@@ -153,10 +162,11 @@ class RunHistory:
     def __post_init__(self) -> None:
         self.steps = Series()
         self.series: dict[str, Series] = {name: Series() for name in STEP_FIELDS}
+        self.tokens_seen = Series()  # running sum of the steps' tokens, for the x axis
         self.eval_steps = Series(64)
         self.eval_loss = Series(64)
         self.sys_steps = Series(256)  # the last optimizer step when the sample was taken
-        self.system: dict[str, Series] = {name: Series(256) for name in SYSTEM_FIELDS}
+        self.system: dict[str, Series] = {name: Series(256) for name in (*SYSTEM_FIELDS, *HOST_FIELDS)}
         self.nonzero: set[str] = set()  # series that reported something other than 0 / None
         self.last_step: StepEvent | None = None
         self.last_system: SystemEvent | None = None
@@ -165,62 +175,81 @@ class RunHistory:
 
     def add(self, ev: Event) -> None:
         self.version += 1
-        if isinstance(ev, StepEvent):
-            self.steps.append(ev.step)
-            for name, attr in STEP_FIELDS.items():
-                v = getattr(ev, attr)
-                self.series[name].append(v)
-                if v and name not in self.nonzero:
-                    self.nonzero.add(name)
-            if ev.total_steps:
-                self.total_steps = ev.total_steps
-            self.last_step = ev
-        elif isinstance(ev, SystemEvent):
-            self.sys_steps.append(self.steps.last(0.0))
-            for name, attr in SYSTEM_FIELDS.items():
-                v = getattr(ev, attr)
-                self.system[name].append(v)
-                if v and name not in self.nonzero:
-                    self.nonzero.add(name)
-            self.last_system = ev
-        elif isinstance(ev, EvalEvent):
-            self.eval_steps.append(ev.step)
-            self.eval_loss.append(ev.eval_loss)
-        elif isinstance(ev, ChangeEvent):
-            self.changes.append(Change(ev.step, dict(ev.changes), ev.source, ev.rule, ev.reason))
-        elif isinstance(ev, RollbackEvent):
-            self._branch_off(ev)
-        elif isinstance(ev, StartEvent):
-            resumed_at = int(getattr(ev, "step", 0) or 0)
-            if resumed_at and len(self.steps) and self.steps.last() > resumed_at:
-                # A resumed run appends to the same metrics.jsonl from its checkpoint's step on:
-                # drop the steps after it, which the resumed run redoes.
-                self.truncate(resumed_at)
-            self.run_id, self.run_dir = ev.run_id, ev.run_dir
-            self.config, self.model, self.data = ev.config, ev.model, ev.data
-            self.total_steps = ev.total_steps
-            if not self.changes:  # a resumed run carries its change log: show those markers too
-                for c in getattr(ev, "changes", None) or []:
-                    if isinstance(c, dict) and "step" in c:
-                        self.changes.append(
-                            Change(
-                                int(c["step"]),
-                                dict(c.get("changes") or {}),
-                                str(c.get("source", "user")),
-                                str(c.get("rule", "")),
-                                str(c.get("reason", "")),
-                            )
+        match ev:
+            case StepEvent():
+                self.steps.append(ev.step)
+                for name, attr in STEP_FIELDS.items():
+                    v = getattr(ev, attr)
+                    self.series[name].append(v)
+                    if v and name not in self.nonzero:
+                        self.nonzero.add(name)
+                self.tokens_seen.append(self.tokens_seen.last(0.0) + (ev.tokens or 0))
+                if ev.total_steps:
+                    self.total_steps = ev.total_steps
+                self.last_step = ev
+            case SystemEvent():
+                self.sys_steps.append(self.steps.last(0.0))
+                for name, attr in SYSTEM_FIELDS.items():
+                    v = getattr(ev, attr)
+                    self.system[name].append(v)
+                    if v and name not in self.nonzero:
+                        self.nonzero.add(name)
+                for name in HOST_FIELDS:
+                    self.system[name].append(None)
+                self.last_system = ev
+            case EvalEvent(step=step, eval_loss=loss):
+                self.eval_steps.append(step)
+                self.eval_loss.append(loss)
+            case ChangeEvent(step=step, changes=changes, source=source, rule=rule, reason=reason):
+                self.changes.append(Change(step, dict(changes), source, rule, reason))
+            case RollbackEvent():
+                self._branch_off(ev)
+            case StartEvent():
+                self._started(ev)
+            case StateEvent(state=state):
+                self.state = state
+            case CheckpointEvent(step=step, path=path):
+                self.checkpoints.append((step, path))
+            case SampleEvent():
+                self.samples.append(ev)
+            case WarningEvent() | ErrorEvent():
+                self.problems.append(ev)
+            case EndEvent(status=status, output=output):
+                self.status, self.output, self.ended = status, output, ev.time
+            case _:
+                pass  # progress, and event types of newer versions: nothing to plot
+
+    def _started(self, ev: StartEvent) -> None:
+        resumed_at = int(ev.step or 0)
+        if resumed_at and len(self.steps) and self.steps.last() > resumed_at:
+            # A resumed run appends to the same metrics.jsonl from its checkpoint's step on:
+            # drop the steps after it, which the resumed run redoes.
+            self.truncate(resumed_at)
+        self.run_id, self.run_dir = ev.run_id, ev.run_dir
+        self.config, self.model, self.data = ev.config, ev.model, ev.data
+        self.total_steps = ev.total_steps
+        if not self.started:
+            self.started = ev.time
+        if not self.changes:  # a resumed run carries its change log: show those markers too
+            for c in ev.changes or []:
+                if isinstance(c, dict) and "step" in c:
+                    self.changes.append(
+                        Change(
+                            int(c["step"]),
+                            dict(c.get("changes") or {}),
+                            str(c.get("source", "user")),
+                            str(c.get("rule", "")),
+                            str(c.get("reason", "")),
                         )
-        elif isinstance(ev, StateEvent):
-            self.state = ev.state
-        elif isinstance(ev, CheckpointEvent):
-            self.checkpoints.append((ev.step, ev.path))
-        elif isinstance(ev, SampleEvent):
-            self.samples.append(ev)
-        elif isinstance(ev, (WarningEvent, ErrorEvent)):
-            self.problems.append(ev)
-        elif isinstance(ev, EndEvent):
-            self.status, self.output = ev.status, ev.output
+                    )
+
+    def set_host_memory(self, used_mb: float, total_mb: float) -> None:
+        """The machine's memory, read by the window when the last system event arrived."""
+        if len(self.sys_steps):
+            self.system["host_used"].view[-1] = used_mb
+            self.system["host_total"].view[-1] = total_mb
+            self.nonzero.update(HOST_FIELDS)
+            self.version += 1
 
     def truncate(self, step: float) -> None:
         """Forget everything reported after optimizer step ``step``."""
@@ -233,7 +262,7 @@ class RunHistory:
                     s.clear()
                     s.extend(vals)
 
-        cut(self.steps, list(self.series.values()))
+        cut(self.steps, [*self.series.values(), self.tokens_seen])
         cut(self.eval_steps, [self.eval_loss])
         cut(self.sys_steps, list(self.system.values()))
         self.changes = [c for c in self.changes if c.step <= step]
@@ -268,16 +297,41 @@ class RunHistory:
     def __len__(self) -> int:
         return len(self.steps)
 
-    def x(self) -> np.ndarray:
+    @property
+    def device(self) -> str:
+        """Where the run trains ("cpu", "cuda:0" ...), from its start event; "" when unknown."""
+        return str(self.model.get("device") or "")
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the step memory fields are the GPU allocator's (else the process RSS, on a CPU)."""
+        return self.device.startswith(("cuda", "xpu", "mps")) or "gpu_used" in self.nonzero
+
+    def x(self, mode: str = "step") -> np.ndarray:
+        """The steps' x positions: optimizer step, tokens seen so far, or seconds since the start."""
+        if mode == "tokens":
+            return self.tokens_seen.view
+        if mode == "time":
+            return self.series["elapsed"].view
         return self.steps.view
+
+    def x_at(self, steps: np.ndarray | list[float], mode: str = "step") -> np.ndarray:
+        """x positions of events reported at optimizer ``steps`` (evals, markers, system samples)."""
+        steps = np.asarray(steps, dtype=np.float64)
+        if mode == "step" or not len(self.steps):
+            return steps
+        return np.interp(steps, self.steps.view, self.x(mode), left=0.0)
 
     def y(self, name: str) -> np.ndarray:
         return self.series[name].view
 
-    def index_at(self, step: float) -> int | None:
-        """Index of the point nearest to ``step`` (None when there are no points)."""
+    def index_at(self, step: float, clamp: bool = True) -> int | None:
+        """Index of the point nearest to ``step``; None when there are no points or, with
+        ``clamp=False``, when ``step`` lies beyond the first or last point by more than half a step."""
         xs = self.steps.view
         if not len(xs):
+            return None
+        if not clamp and (step < xs[0] - 0.5 or step > xs[-1] + 0.5):
             return None
         i = int(np.searchsorted(xs, step))
         if i >= len(xs):
@@ -286,35 +340,90 @@ class RunHistory:
             return i - 1
         return i
 
+    def step_at(self, x: float, mode: str = "step") -> float:
+        """The optimizer step at position ``x`` of an axis in ``mode`` (for the hover read-out)."""
+        if mode == "step" or not len(self.steps):
+            return x
+        return float(np.interp(x, self.x(mode), self.steps.view))
+
     def value_at(self, name: str, step: float) -> float | None:
         i = self.index_at(step)
         return None if i is None else float(self.series[name].view[i])
 
+    def best_eval(self) -> tuple[int, float] | None:
+        """(step, eval loss) of the lowest eval loss, or None without evals."""
+        losses = self.eval_loss.view
+        finite = np.isfinite(losses)
+        if not finite.any():
+            return None
+        i = int(np.argmin(np.where(finite, losses, np.inf)))
+        return int(self.eval_steps.view[i]), float(losses[i])
+
     def label(self) -> str:
-        return self.run_id or (Path(self.run_dir).name if self.run_dir else "run")
+        """The run's name: its folder's (which may have been renamed since), else its run id."""
+        return (Path(self.run_dir).name if self.run_dir else "") or self.run_id or "run"
 
     # ------------------------------------------------------------------ files
 
     @classmethod
     def load(cls, path: str | Path) -> RunHistory:
-        """Read a run folder (or its metrics.jsonl). Broken lines (a crash mid-write) are skipped."""
+        """Read a run folder (or its metrics.jsonl), tolerantly: a half-written last line (a crash
+        mid-write), a broken line or an event type of a newer version is skipped, not an error."""
         p = Path(path)
         metrics = p / "metrics.jsonl" if p.is_dir() else p
         if not metrics.is_file():
             raise FileNotFoundError(f"{metrics} does not exist: not a Tunedeck run folder")
         hist = cls(run_dir=str(metrics.parent), run_id=metrics.parent.name)
-        with metrics.open(encoding="utf-8") as fh:
+        with metrics.open(encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 line = line.strip()
                 if not line:
                     continue
                 try:
                     hist.add(event_from_dict(json.loads(line)))
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, AttributeError):
                     continue
-        if not hist.run_dir:
-            hist.run_dir = str(metrics.parent)
+        # The folder is the truth: it may have been renamed or moved since the run wrote its start event.
+        hist.run_dir = str(metrics.parent)
         return hist
+
+    def to_csv(self, path: str | Path) -> int:
+        """Write one row per optimizer step (with the eval loss where one was computed); returns the rows."""
+        import csv
+
+        cols = [
+            ("step", self.steps),
+            ("epoch", self.series["epoch"]),
+            ("loss", self.series["loss"]),
+            ("learning_rate", self.series["lr"]),
+            ("grad_norm", self.series["grad_norm"]),
+            ("gradient_accumulation_steps", self.series["accum"]),
+            ("tokens", self.series["tokens"]),
+            ("tokens_seen", self.tokens_seen),
+            ("tokens_per_s", self.series["tokens_per_s"]),
+            ("step_time_s", self.series["step_time"]),
+            ("mem_allocated_mb", self.series["mem_allocated"]),
+            ("mem_reserved_mb", self.series["mem_reserved"]),
+            ("mem_peak_mb", self.series["mem_peak"]),
+            ("elapsed_s", self.series["elapsed"]),
+        ]
+        evals = dict(zip(self.eval_steps.view.tolist(), self.eval_loss.view.tolist(), strict=False))
+        n = len(self.steps)
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow([name for name, _ in cols] + ["eval_loss"])
+            arrays = [s.view for _, s in cols]
+            for i in range(n):
+                row = [_csv_value(a[i]) for a in arrays]
+                row.append(_csv_value(evals.get(float(self.steps.view[i]), math.nan)))
+                w.writerow(row)
+        return n
+
+
+def _csv_value(v: float) -> str:
+    if not math.isfinite(v):
+        return ""
+    return str(int(v)) if float(v).is_integer() and abs(v) < 2**53 else repr(float(v))
 
 
 # ---------------------------------------------------------------------- level of detail
@@ -529,6 +638,34 @@ def fmt_number(v: Any) -> str:
             return f"{mant}e{int(exp)}"
         return f"{v:.4g}"
     return str(v)
+
+
+def describe_progress(stage: str, done: int, total: int | None, unit: str) -> str:
+    """What a preparation is doing, for the status badge and the log: "loading model…",
+    "tokenizing 12,000 / 214,000 rows"."""
+    what = "loading model" if stage == "model" else stage or "preparing"
+    if total and (total > 1 or unit):  # "model 0 / 1" says no more than "loading model…"
+        return f"{what} {done:,} / {total:,}" + (f" {unit}" if unit else "")
+    if done:
+        return f"{what} {done:,}" + (f" {unit}" if unit else "") + "…"
+    return f"{what}…"
+
+
+def describe_done(stage: str, total: int | None, unit: str) -> str:
+    """What a finished preparation did: "model loaded", "tokenizing done: 214,000 rows"."""
+    if stage == "model":
+        return "model loaded"
+    return f"{stage or 'preparing'} done" + (f": {total:,} {unit}" if total and unit else "")
+
+
+def fmt_mb(mb: float | None) -> str:
+    """Memory in MB or GB: 512 MB, 1.5 GB, 23.4 GB."""
+    if mb is None or not math.isfinite(mb):
+        return "–"
+    if abs(mb) >= 1024:
+        gb = mb / 1024
+        return f"{gb:.2f} GB" if gb < 10 else f"{gb:.1f} GB"
+    return f"{mb:,.0f} MB"
 
 
 def fmt_duration(seconds: float | None) -> str:

@@ -10,6 +10,8 @@
         The demo run's optimizer steps per second, headless (`tunedeck-train --quiet` in a
         subprocess) and with the window open and plotting (started with the real window's Start
         button), on the same config, one after the other; both from the step events' elapsed_s.
+        Also how late each step reaches the screen: from the engine's step event (its time) to
+        the end of the first paint of the plots that shows it (median and 90th percentile).
 
 Both print a small table; run them under `xvfb-run` to include real painting, or with
 QT_QPA_PLATFORM=offscreen.
@@ -77,6 +79,8 @@ def bench_plots(points: int, rounds: int = 30, shot: str | None = None) -> dict[
     app.processEvents()
     first = time.perf_counter() - t0
 
+    cpu: list[float] = []  # the GUI thread's own CPU time: what a busy, shared machine does not inflate
+
     def one(append: bool) -> float:
         if append:  # a new step arrived, as in a live run
             s = hist.steps.last() + 1
@@ -84,21 +88,25 @@ def bench_plots(points: int, rounds: int = 30, shot: str | None = None) -> dict[
             for ser in hist.series.values():
                 ser.append(ser.last())
             hist.version += 1
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         panel.refresh()
         panel.glw.repaint()  # paint now, synchronously, on this thread
         QApplication.processEvents()
+        cpu.append(time.thread_time() - c)
         return time.perf_counter() - t
 
     out = {"points per series": points, "first draw s": first}
     live = [one(True) for _ in range(rounds)]
     out["live refresh ms (median)"] = statistics.median(live) * 1e3
     out["live refresh ms (max)"] = max(live) * 1e3
+    out["live refresh CPU ms (median)"] = statistics.median(cpu) * 1e3
     n = len(hist)
     panel.show_range(n * 0.99, n)
     app.processEvents()
+    cpu.clear()
     zoom = [one(True) for _ in range(rounds)]
     out["zoomed refresh ms (median)"] = statistics.median(zoom) * 1e3
+    out["zoomed refresh CPU ms (median)"] = statistics.median(cpu) * 1e3
     t = time.perf_counter()
     for s in np.linspace(n * 0.99, n, 20):
         panel.show_readout(float(s))
@@ -159,6 +167,7 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
     cfgmod.save(cfg, cfg_file)
     out: dict[str, float] = {"steps": steps}
     headless, windowed = [], []
+    latencies: list[float] = []
     for r in range(repeats):
         # headless: the CLI, as a user runs it
         hd = os.path.join(tmp, f"cli-{r}")
@@ -179,6 +188,7 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
         seen: list = []
         win.bridge.events.connect(seen.extend)
         redraws = win.plots.redraws
+        win.plots.glw.paint_log = paints = []
         loop = QEventLoop()
         win.bridge.ended.connect(loop.quit)
         win.controls.start_action.trigger()
@@ -186,6 +196,7 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
             loop.exec()  # Qt's own loop, idle between events, as in the app
         windowed.append(_rate(seen))
         out[f"redraws (run {r + 1})"] = win.plots.redraws - redraws
+        latencies += _latencies(seen, paints)
         win.close()
     out["headless runs"] = " ".join(f"{v:.2f}" for v in headless)
     out["window runs"] = " ".join(f"{v:.2f}" for v in windowed)
@@ -193,6 +204,25 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
     out["window steps/s"] = statistics.median(windowed)
     out["window / headless"] = out["window steps/s"] / out["headless steps/s (tunedeck-train)"]
     out["runs each (median shown)"] = repeats
+    if latencies:
+        lat = sorted(latencies)
+        out["step to screen ms (median)"] = statistics.median(lat) * 1e3
+        out["step to screen ms (90th pct)"] = lat[int(0.9 * (len(lat) - 1))] * 1e3
+    return out
+
+
+def _latencies(events, paints: list[tuple[int, float]]) -> list[float]:
+    """For each step: from the engine's event (its time) to the end of the first paint that drew it."""
+    from tunedeck.engine.protocol import StepEvent
+
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    out, j = [], 0
+    for i, e in enumerate(steps):
+        while j < len(paints) and paints[j][0] < i + 1:
+            j += 1
+        if j == len(paints):
+            break
+        out.append(paints[j][1] - e.time)
     return out
 
 

@@ -42,18 +42,21 @@ class AutopilotPanel(QWidget):
         self._lay.addStretch(1)
 
     def add_event(self, ev: Event) -> None:
-        if isinstance(ev, StartEvent):
-            self.set_rules(list((ev.config.get("train") or {}).get("autopilot") or []))
-        elif isinstance(ev, ChangeEvent) and ev.source == "autopilot":
-            self.firings.setdefault(ev.rule, []).append(ev)
-            self._update(ev.rule)
-        elif isinstance(ev, ChangeEvent) and "autopilot" in ev.changes:
-            for rule in ev.changes["autopilot"][1]:
-                box = self.switches.get(rule["name"])
-                if box is not None:
-                    box.blockSignals(True)
-                    box.setChecked(bool(rule["enabled"]))
-                    box.blockSignals(False)
+        match ev:
+            case StartEvent(config=config):
+                self.set_rules(list((config.get("train") or {}).get("autopilot") or []))
+            case ChangeEvent(source="autopilot", rule=rule):
+                self.firings.setdefault(rule, []).append(ev)
+                self._update(rule)
+            case ChangeEvent(changes={"autopilot": [_, rules]}):
+                for rule in rules:
+                    box = self.switches.get(rule["name"])
+                    if box is not None:
+                        box.blockSignals(True)
+                        box.setChecked(bool(rule["enabled"]))
+                        box.blockSignals(False)
+            case _:
+                pass
 
     def set_rules(self, rules: list[dict[str, Any]]) -> None:
         for w in (*self.switches.values(), *self.details.values()):

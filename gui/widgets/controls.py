@@ -135,9 +135,12 @@ class RunStatus(QWidget):
         lay.setContentsMargins(4, 0, 4, 0)
         lay.setSpacing(14)
         self.state_label = QLabel()
+        self.detail_label = QLabel()  # what a loading run waits for: "tokenizing 12,000 / 214,000 rows"
+        self.detail_label.setStyleSheet("color: #d9a32b;")
         self.step_label = QLabel()
         self.progress = QProgressBar()
-        self.progress.setFixedWidth(220)
+        self.progress.setMinimumWidth(80)
+        self.progress.setMaximumWidth(220)
         self.progress.setTextVisible(True)
         self.progress.setMaximumHeight(16)
         self.elapsed_label = QLabel()
@@ -145,6 +148,7 @@ class RunStatus(QWidget):
         self.tps_label = QLabel()
         for w in (
             self.state_label,
+            self.detail_label,
             self.step_label,
             self.progress,
             self.elapsed_label,
@@ -184,6 +188,16 @@ class RunStatus(QWidget):
             f"<span style='background:{color}; color:white; padding:1px 8px; "
             f"border-radius:3px'>&nbsp;{state}&nbsp;</span>"
         )
+        if state != "loading":
+            self.set_detail("")
+        if state != "running":
+            # Nothing moves while paused or after the end: an ETA or a rate from before would be stale.
+            self.eta_label.setText("ETA –" if state != "paused" else "ETA (paused)")
+            self.tps_label.setText("– tok/s")
+
+    def set_detail(self, text: str) -> None:
+        self.detail_label.setText(text)
+        self.detail_label.setVisible(bool(text))
 
     def update_step(self, ev: StepEvent) -> None:
         self.step = ev.step
@@ -192,5 +206,6 @@ class RunStatus(QWidget):
         self.step_label.setText(f"step {ev.step:,} / {self.total:,}" if self.total else f"step {ev.step:,}")
         self.progress.setValue(min(ev.step, max(self.total, 1)))
         self.elapsed_label.setText(f"elapsed {fmt_duration(ev.elapsed_s)}")
-        self.eta_label.setText(f"ETA {fmt_duration(ev.eta_s)}")
-        self.tps_label.setText(f"{ev.tokens_per_s:,.0f} tok/s")
+        if self.state == "running":
+            self.eta_label.setText(f"ETA {fmt_duration(ev.eta_s)}")
+            self.tps_label.setText(f"{ev.tokens_per_s:,.0f} tok/s")

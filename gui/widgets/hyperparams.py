@@ -16,7 +16,8 @@ import math
 from typing import Any
 
 import yaml
-from PySide6.QtCore import QObject, Qt, Signal
+from PySide6.QtCore import QEvent, QObject, Qt, Signal
+from PySide6.QtGui import QKeyEvent
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -69,6 +70,9 @@ GROUPS: list[tuple[str, list[str]]] = [
     ("Evaluation and saving", ["train.eval_steps", "train.save_steps", "train.output_dir", "train.run_name"]),
 ]
 # Everything else goes under "Advanced" (collapsed), so a new engine field always gets an editor.
+
+RUNNING_HINT = "The run is going: the enabled fields change it live. Edit them, then Apply (or Enter)."
+PAUSED_HINT = "The run is paused: Apply (or Enter) changes it now; training goes on with it on Resume."
 
 LABELS = {
     "train.learning_rate": "learning rate",
@@ -261,8 +265,11 @@ class FieldEditor(QObject):
         target = w.lineEdit() if isinstance(w, QComboBox) and w.isEditable() else w
         if bool(target.property(name)) != on:
             target.setProperty(name, on)
+            # A dynamic property feeds the style sheet only once the widget is repolished, and the
+            # new look shows only once it is repainted (else the old border stays until a hover).
             target.style().unpolish(target)
             target.style().polish(target)
+            target.update()
 
 
 class HyperparamForm(QWidget):
@@ -279,9 +286,11 @@ class HyperparamForm(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
 
-        # Apply bar (visible during a run)
+        # Apply bar (visible during a run). Not in this form's layout: the setup panel pins it below
+        # its scroll area, so it stays in view however far the form is scrolled.
         self.apply_bar = QWidget()
-        ab = QHBoxLayout(self.apply_bar)
+        ab = QVBoxLayout(self.apply_bar)
+        ab.setSpacing(3)
         ab.setContentsMargins(0, 0, 0, 0)
         self.apply_hint = QLabel(RUNNING_HINT)
         self.apply_hint.setStyleSheet("color: #8a9099;")
@@ -304,12 +313,15 @@ class HyperparamForm(QWidget):
             "(the examples per optimizer step) stays as the run has it: the same steps, the same updates, "
             "in smaller or larger pieces."
         )
-        ab.addWidget(self.apply_hint, 1)
-        ab.addWidget(self.keep_effective)
-        ab.addWidget(self.revert_button)
-        ab.addWidget(self.apply_button)
+        # the hint on a line of its own: beside the buttons a narrow panel wraps it word by word
+        ab.addWidget(self.apply_hint)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.keep_effective)
+        buttons.addStretch(1)
+        buttons.addWidget(self.revert_button)
+        buttons.addWidget(self.apply_button)
+        ab.addLayout(buttons)
         self.apply_bar.setVisible(False)
-        lay.addWidget(self.apply_bar)
 
         placed: set[str] = set()
         for title, keys in GROUPS:
@@ -344,6 +356,8 @@ class HyperparamForm(QWidget):
         for dotted in keys:
             ed = FieldEditor(dotted)
             ed.changed.connect(self._edited)
+            if ed.live:
+                ed.widget.installEventFilter(self)
             self.editors[dotted] = ed
             col = QWidget()
             v = QVBoxLayout(col)
@@ -353,6 +367,23 @@ class HyperparamForm(QWidget):
             v.addWidget(ed.error_label)
             form.addRow(ed.label, col)
         return box
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt name)
+        # Enter in a live field applies, as a dialog's default button would.
+        if (
+            self.running
+            and event.type() == QEvent.Type.KeyPress
+            and isinstance(event, QKeyEvent)
+            and event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter)
+        ):
+            popup = isinstance(obj, QComboBox) and obj.view().isVisible()
+            if not popup:
+                self._apply()
+                return True
+        return super().eventFilter(obj, event)
+
+    def set_paused(self, paused: bool) -> None:
+        self.apply_hint.setText(PAUSED_HINT if paused else RUNNING_HINT)
 
     def _toggle_advanced(self, on: bool) -> None:
         self.advanced.setVisible(on)
@@ -404,6 +435,7 @@ class HyperparamForm(QWidget):
             if not running:
                 ed.mark_changed(False)
         self.advanced_toggle.setEnabled(True)
+        self.apply_hint.setText(RUNNING_HINT)
         self.apply_bar.setVisible(running)
         self._edited()
 

@@ -17,13 +17,14 @@ from tunedeck.engine.protocol import (
     EvalEvent,
     Event,
     LrFindEvent,
+    ProgressEvent,
     RollbackEvent,
     SampleEvent,
     StartEvent,
     StateEvent,
     WarningEvent,
 )
-from tunedeck.gui.history import Change, fmt_number
+from tunedeck.gui.history import Change, describe_done, describe_progress, fmt_number
 
 LEVEL_COLORS = {
     "info": "#aeb4bd",
@@ -73,6 +74,7 @@ class LogPanel(QWidget):
         lay.addLayout(top)
         lay.addWidget(self.view)
         self.entries: list[tuple[float, str, str, str]] = []  # (time, level, text, advice)
+        self._progress_stage = ""  # the preparation stage last logged
         self.problems_only.toggled.connect(self._rerender)
         self.clear_button.clicked.connect(self.clear)
 
@@ -88,75 +90,89 @@ class LogPanel(QWidget):
         self.entry_added.emit(level, text)
 
     def add_event(self, ev: Event) -> None:
-        t = getattr(ev, "time", None)
-        if isinstance(ev, StartEvent):
-            m = ev.model or {}
-            d = ev.data or {}
-            params = m.get("params_trainable"), m.get("params_total")
-            p = f", {params[0]:,} of {params[1]:,} parameters trainable" if all(params) else ""
-            where = f" on {m.get('device')}" if m.get("device") else ""
-            self.add(
-                "info",
-                f"run {ev.run_id} started{where}: {ev.total_steps:,} steps, "
-                f"{d.get('train_examples', '?')} train / {d.get('eval_examples', '?')} eval examples{p}",
-                when=t,
-            )
-            if ev.resumed_from:
-                self.add("info", f"resumed from {ev.resumed_from} at step {ev.step}", when=t)
-            if ev.fast_paths():
-                self.add("muted", ev.fast_paths(), when=t)
-            if ev.compile_note():
-                self.add("info", ev.compile_note(), when=t)
-            self.add("muted", f"run folder {ev.run_dir}", when=t)
-        elif isinstance(ev, StateEvent):
-            self.add("muted", f"state: {ev.state}", when=t)
-        elif isinstance(ev, EvalEvent):
-            self.add(
-                "info",
-                f"step {ev.step}: eval loss {fmt_number(ev.eval_loss)} "
-                f"(perplexity {fmt_number(ev.perplexity)})",
-                when=t,
-            )
-        elif isinstance(ev, ChangeEvent):
-            who = {"user": "you", "resume": "the resume", "autopilot": f"the autopilot ({ev.rule})"}.get(
-                ev.source, "the engine"
-            )
-            why = f": {ev.reason}" if ev.reason else ""
-            self.add(
-                "change",
-                f"after step {ev.step}, {who} changed {Change(ev.step, ev.changes, ev.source).label()}{why}",
-                when=t,
-            )
-        elif isinstance(ev, RollbackEvent):
-            kept = f"; steps {ev.to_step + 1}-{ev.from_step} kept as branch {ev.branch}" if ev.branch else ""
-            self.add("change", f"rolled back from step {ev.from_step} to {ev.checkpoint}{kept}", when=t)
-        elif isinstance(ev, LrFindEvent):
-            found = (
-                f"suggested learning rate {fmt_number(ev.suggestion)} (steepest descent), minimum/10 "
-                f"{fmt_number(ev.lr_min_div_10)}"
-                if ev.suggestion is not None
-                else "no suggestion (the loss did not fall)"
-            )
-            self.add(
-                "info",
-                f"step {ev.step}: learning-rate range test over {len(ev.lrs)} steps ({ev.stopped}): {found}",
-                when=t,
-            )
-        elif isinstance(ev, CheckpointEvent):
-            self.add("info", f"step {ev.step}: checkpoint saved to {ev.path}", when=t)
-        elif isinstance(ev, SampleEvent):
-            self.add("muted", f"step {ev.step}: sample generated ({len(ev.text)} characters)", when=t)
-        elif isinstance(ev, WarningEvent):
-            self.add("warning", f"warning ({ev.kind}): {ev.message}", advice_for(ev.kind, ev.advice), when=t)
-        elif isinstance(ev, ErrorEvent):
-            self.add("error", f"error ({ev.kind}): {ev.message}", advice_for(ev.kind, ev.advice), when=t)
-        elif isinstance(ev, EndEvent):
-            level = {"completed": "success", "stopped": "success", "cancelled": "warning"}.get(
-                ev.status, "error"
-            )
-            what = "curve" if ev.output and ev.output.endswith(".json") else "adapter"
-            out = f", {what} in {ev.output}" if ev.output else ""
-            self.add(level, f"run {ev.status} at step {ev.step}{out}", when=t)
+        t = ev.time
+        match ev:
+            case StartEvent():
+                self._start(ev)
+            case StateEvent(state=state):
+                self.add("muted", f"state: {state}", when=t)
+            case ProgressEvent(stage=stage, done=done, total=total, unit=unit):
+                # One line when a stage begins and one when it is done, not one per update.
+                first = stage != self._progress_stage
+                self._progress_stage = stage
+                if first:
+                    self.add("info", describe_progress(stage, done, total, unit), when=t)
+                elif total and done >= total:
+                    self.add("muted", describe_done(stage, total, unit), when=t)
+            case EvalEvent(step=step, eval_loss=loss, perplexity=ppl):
+                self.add(
+                    "info",
+                    f"step {step}: eval loss {fmt_number(loss)} (perplexity {fmt_number(ppl)})",
+                    when=t,
+                )
+            case ChangeEvent(step=step, changes=changes, source=source, rule=rule, reason=reason):
+                who = {"user": "you", "resume": "the resume", "autopilot": f"the autopilot ({rule})"}.get(
+                    source, "the engine"
+                )
+                why = f": {reason}" if reason else ""
+                self.add(
+                    "change",
+                    f"after step {step}, {who} changed {Change(step, changes, source).label()}{why}",
+                    when=t,
+                )
+            case RollbackEvent(from_step=from_step, to_step=to_step, checkpoint=ckpt, branch=branch):
+                kept = f"; steps {to_step + 1}-{from_step} kept as branch {branch}" if branch else ""
+                self.add("change", f"rolled back from step {from_step} to {ckpt}{kept}", when=t)
+            case LrFindEvent(step=step, lrs=lrs, stopped=stopped, suggestion=suggestion):
+                found = (
+                    f"suggested learning rate {fmt_number(suggestion)} (steepest descent), minimum/10 "
+                    f"{fmt_number(ev.lr_min_div_10)}"
+                    if suggestion is not None
+                    else "no suggestion (the loss did not fall)"
+                )
+                self.add(
+                    "info",
+                    f"step {step}: learning-rate range test over {len(lrs)} steps ({stopped}): {found}",
+                    when=t,
+                )
+            case CheckpointEvent(step=step, path=path):
+                self.add("info", f"step {step}: checkpoint saved to {path}", when=t)
+            case SampleEvent(step=step, text=text):
+                self.add("muted", f"step {step}: sample generated ({len(text)} characters)", when=t)
+            case WarningEvent(kind=kind, message=message, advice=advice):
+                self.add("warning", f"warning ({kind}): {message}", advice_for(kind, advice), when=t)
+            case ErrorEvent(kind=kind, message=message, advice=advice):
+                self.add("error", f"error ({kind}): {message}", advice_for(kind, advice), when=t)
+            case EndEvent(status=status, step=step, output=output):
+                level = {"completed": "success", "stopped": "success", "cancelled": "warning"}.get(
+                    status, "error"
+                )
+                out = f", adapter in {output}" if output else ""
+                self.add(level, f"run {status} at step {step}{out}", when=t)
+            case _:
+                pass  # steps and system readings are the plots' business
+
+    def _start(self, ev: StartEvent) -> None:
+        t = ev.time
+        m = ev.model or {}
+        d = ev.data or {}
+        params = m.get("params_trainable"), m.get("params_total")
+        p = f", {params[0]:,} of {params[1]:,} parameters trainable" if all(params) else ""
+        where = f" on {m.get('device')}" if m.get("device") else ""
+        self._progress_stage = ""
+        self.add(
+            "info",
+            f"run {ev.run_id} started{where}: {ev.total_steps:,} steps, "
+            f"{d.get('train_examples', '?')} train / {d.get('eval_examples', '?')} eval examples{p}",
+            when=t,
+        )
+        if ev.resumed_from:
+            self.add("info", f"resumed from {ev.resumed_from} at step {ev.step}", when=t)
+        if ev.fast_paths():
+            self.add("muted", ev.fast_paths(), when=t)
+        if ev.compile_note():
+            self.add("info", ev.compile_note(), when=t)
+        self.add("muted", f"run folder {ev.run_dir}", when=t)
 
     def text(self) -> str:
         return "\n".join(f"{lvl}: {txt}" + (f" -> {adv}" if adv else "") for _, lvl, txt, adv in self.entries)

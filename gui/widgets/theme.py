@@ -29,10 +29,15 @@ COLORS = {
     "gpu_used": "#4fd1a5",
     "gpu_total": "#6b7280",
     "rss": "#ffd166",
+    "host_used": "#ffd166",
+    "cpu": "#8fd3ff",
     "overlay": "#c9c9c9",
     "marker": "#ffd166",
     "cursor": "#9aa0a6",
 }
+
+# Runs overlaid from the library: one colour per run, apart from the series colours above.
+OVERLAY_COLORS = ["#f2f2f2", "#ff9f6e", "#7ee081", "#f07fd0", "#e8d36a", "#6ee0e0", "#c39bff", "#ff6b6b"]
 
 ERROR_BG = "#5c1f24"
 ERROR_FG = "#ffd7da"
@@ -77,4 +82,6 @@ def apply(app: QApplication) -> None:
         'QLineEdit[invalid="true"] { border: 1px solid #e5484d; background: #3a1d20; }'
         'QLineEdit[changed="true"] { border: 1px solid #d9a32b; }'
         'QComboBox[changed="true"] { border: 1px solid #d9a32b; }'
+        # a checked tool button (Follow) must look pressed: Fusion's dark palette barely shows it
+        "QToolButton:checked { background: #2f4f7a; border: 1px solid #4f7fd9; border-radius: 3px; }"
     )

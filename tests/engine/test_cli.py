@@ -56,9 +56,12 @@ def test_missing_dataset_exits_with_one_line_and_no_run_folder(tmp_path, capsys)
     code, out, err = run_cli(
         capsys, "--output-dir", str(tmp_path), "--set", f"data.path={tmp_path}/gone.jsonl"
     )
-    assert code in (1, 2)
-    assert f"error: dataset file {tmp_path}/gone.jsonl does not exist" in out
-    assert "Traceback" not in out + err
+    assert code == 2
+    assert err.splitlines() == [
+        f"tunedeck-train: error: dataset file {tmp_path}/gone.jsonl does not exist "
+        "(choose an existing file, a hub dataset owner/name, or builtin:demo)"
+    ]
+    assert out == ""
     assert not any(tmp_path.iterdir())
 
 
@@ -96,7 +99,9 @@ def test_control_file_changes_the_learning_rate_live(tmp_path, capsys):
     thread.join(120)
     out = capsys.readouterr().out
     assert result["code"] == 0
-    assert "control: ignored a line that is not JSON" in out
+    assert f"error: control: line 1 of {control} is not JSON (Expecting value); ignored: not json" in out
+    bad = next(e for e in events() if e["type"] == "error")
+    assert bad["message"] == f"control: line 1 of {control} is not JSON (Expecting value); ignored: not json"
     change = next(e for e in events() if e["type"] == "change")
     assert change["changes"] == {"learning_rate": [0.003, 0.0005]} and change["source"] == "user"
     lrs = {e["step"]: e["learning_rate"] for e in events() if e["type"] == "step"}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunedeck.engine import builtin
+from tunedeck.engine import builtin, packing
 from tunedeck.engine.config import DataConfig
 from tunedeck.engine.data import (
     IGNORE_INDEX,
@@ -26,6 +26,7 @@ from tunedeck.engine.data import (
     tokenize_rows,
 )
 from tunedeck.engine.errors import DataError
+from tunedeck.engine.packing import CU_K, CU_Q, MAX_K, MAX_Q
 
 X = IGNORE_INDEX
 EOS = 1
@@ -372,11 +373,55 @@ def test_collate_unpacked():
 
 def test_collate_packed():
     b = collate(EXAMPLES, pad_token_id=2, packing=True)
-    assert set(b) == {"input_ids", "labels", "position_ids"}
+    assert set(b) == {"input_ids", "labels", "position_ids", CU_Q, CU_K, MAX_Q, MAX_K}
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13]]
     assert b["labels"].tolist() == [[X, 6, 7, X, 9, X, X, 12, 13]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert all(b[k].dtype == torch.long for k in ("input_ids", "labels", "position_ids"))
+    # The library's cumulative lengths are int32 and its longest lengths Python ints, as varlen kernels
+    # take them; it makes two equal tensors for q and k, collate keeps one.
+    assert b[CU_Q].dtype == torch.int32 and b[CU_Q].tolist() == [0, 3, 5, 9]
+    assert b[CU_K] is b[CU_Q]
+    assert type(b[MAX_Q]) is int and b[MAX_Q] == b[MAX_K] == 4
     assert count_targets(b) == count_targets(collate(EXAMPLES, pad_token_id=2)) == 5
+
+
+def _packed_by_hand(examples):
+    """What a packed batch must be: the examples end to end, each one's first label ignored (it would
+    be predicted from the previous example's last token), positions from 0 per example."""
+    ids, labels, pos, cu = [], [], [], [0]
+    for ex in examples:
+        ids += ex["input_ids"]
+        labels += [X, *ex["labels"][1:]]
+        pos += range(len(ex["input_ids"]))
+        cu.append(cu[-1] + len(ex["input_ids"]))
+    return [ids], [labels], [pos], cu, max(len(ex["input_ids"]) for ex in examples)
+
+
+@pytest.mark.parametrize("lengths", [[1], [1, 1, 1], [7, 1, 3], [64], [2, 30, 5, 1, 9]])
+def test_collate_packed_equals_the_packing_spelled_out(lengths):
+    """transformers' DataCollatorWithFlattening gives what collate(packing=True) gave by hand,
+    one-token examples (only an ignored label) included."""
+    g = torch.Generator().manual_seed(sum(lengths))
+    examples = []
+    for n in lengths:
+        ids = torch.randint(3, 259, (n,), generator=g).tolist()
+        labels = [t if torch.rand((), generator=g) < 0.7 else X for t in ids]
+        examples.append({"input_ids": ids, "labels": labels})
+    b = collate(examples, pad_token_id=2, packing=True)
+    ids, labels, pos, cu, longest = _packed_by_hand(examples)
+    assert b["input_ids"].tolist() == ids and b["labels"].tolist() == labels
+    assert b["position_ids"].tolist() == pos
+    assert b[CU_Q].tolist() == cu and b[MAX_Q] == longest
+    # the cumulative lengths agree with those derived from the position ids (attention's fallback)
+    assert packing.cu_seqlens(b["position_ids"])[0].tolist() == cu
+
+
+def test_prepare_batch_keeps_the_lengths_only_for_padding_free_attention():
+    b = collate(EXAMPLES, pad_token_id=2, packing=True)
+    assert set(packing.prepare_batch(b, varlen=False)) == {"input_ids", "labels", "position_ids"}
+    kept = packing.prepare_batch(b, varlen=True)
+    assert kept[CU_Q].tolist() == [0, 3, 5, 9] and kept[MAX_K] == 4
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from tests.engine.helpers import make_cfg, of, run, steps
-from tunedeck.engine import builtin, checkpoint
+from tunedeck.engine import builtin, checkpoint, durable
 from tunedeck.engine.protocol import Set, Stop
 
 
@@ -58,7 +58,7 @@ def test_failed_write_leaves_no_half_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", boom)
     target = t.run_dir / "checkpoints" / "step-000002"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(durable.WriteFailed, match="^OSError: disk full$"):
         checkpoint.write(
             target, model=t.model, tokenizer=t.tokenizer, cfg=t.cfg, state={}, optimizer=t.optimizer
         )
@@ -103,6 +103,8 @@ def test_a_failed_save_is_an_error_event_and_training_goes_on(tmp_path, monkeypa
     monkeypatch.setattr(ck, "write", flaky)
     events, t = run(make_cfg(tmp_path, train__max_steps=4, train__save_steps=2))
     err = of(events, "error")[0]
-    assert "could not save" in err.message and "No space left on device" in err.message
+    assert err.message.startswith(
+        f"could not save {t.run_dir}/checkpoints/step-000002: no space left on device: "
+    )
     assert [e.step for e in of(events, "step")] == [1, 2, 3, 4]
     assert events[-1].status == "completed" and (t.run_dir / "final" / "adapter_model.safetensors").is_file()

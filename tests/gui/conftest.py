@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+import gc
+import json
 import os
+import tempfile
 
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-os.environ["QT_QPA_PLATFORM"] = "offscreen"
+# Offscreen, on one 1920 x 1200 screen (the plugin's own default is 800 x 600, smaller than the
+# window's minimum). A test of a small screen starts a process with a screen of its own.
+_screen = os.path.join(tempfile.mkdtemp(prefix="tunedeck-screen-"), "screen.json")
+
+
+def screen_config(width: int, height: int, path: str) -> str:
+    with open(path, "w") as fh:
+        json.dump(
+            {
+                "screens": [
+                    {
+                        "name": "test",
+                        "x": 0,
+                        "y": 0,
+                        "width": width,
+                        "height": height,
+                        "logicalDpi": 96,
+                        "logicalBaseDpi": 96,
+                        "dpr": 1,
+                    }
+                ]
+            },
+            fh,
+        )
+    return f"offscreen:configfile={path}"
+
+
+os.environ["QT_QPA_PLATFORM"] = screen_config(1920, 1200, _screen)
 
 from pathlib import Path  # noqa: E402
 
@@ -56,6 +85,8 @@ def make_config(tmp_path):
 @pytest.fixture
 def make_window(qtbot, settings):
     """make_window(factory=None) -> a shown MainWindow (real engine unless a factory is given)."""
+    from PySide6.QtCore import QCoreApplication, QEvent
+
     from tunedeck.gui.main_window import MainWindow
 
     windows = []
@@ -78,4 +109,14 @@ def make_window(qtbot, settings):
         win.close_when_ended = False
         win.close()
         win.deleteLater()
+    # Free the windows now, on the GUI thread, then their Python side: a garbage collection that
+    # happens to run in a later test's training thread must not be the one to free Qt objects.
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
     qtbot.wait(1)
+    gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _data_home(tmp_path, monkeypatch):
+    """The window's default runs folder lies in the user's data folder: a temporary one here."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data-home"))

@@ -19,8 +19,10 @@ from tunedeck.engine.protocol import (
     CheckpointEvent,
     EndEvent,
     ErrorEvent,
+    Eval,
     EvalEvent,
     Pause,
+    ProgressEvent,
     Resume,
     Sample,
     SampleEvent,
@@ -47,12 +49,16 @@ class FakeSession(TrainingSession):
         delay: float = 0.005,
         fail_at: int | None = None,
         die_silently: bool = False,
+        tokenize_rows: int = 0,
+        device: str = "fake",
     ) -> None:
         super().__init__(config, resume_from, system_interval=0)
         self.steps = steps
         self.delay = delay
         self.fail_at = fail_at
         self.die_silently = die_silently
+        self.tokenize_rows = tokenize_rows  # report loading and tokenizing progress first
+        self.device = device
         self._metrics = None
         self.sent: list = []
 
@@ -82,11 +88,20 @@ class FakeSession(TrainingSession):
         t = self.config.train
         lr = t.learning_rate
         self._emit(StateEvent(state="loading"))
+        if self.tokenize_rows:
+            self._emit(ProgressEvent(stage="model", done=0, total=1))  # as the engine says it
+            time.sleep(0.3)
+            self._emit(ProgressEvent(stage="model", done=1, total=1))
+            for done in range(0, self.tokenize_rows + 1, self.tokenize_rows // 4):
+                self._emit(
+                    ProgressEvent(stage="tokenizing", done=done, total=self.tokenize_rows, unit="rows")
+                )
+                time.sleep(0.3)
         self._emit(
             StartEvent(
                 run_id=run_id,
                 config=self.config.to_dict(),
-                model={"device": "fake"},
+                model={"device": self.device},
                 data={"train_examples": 100, "eval_examples": 5},
                 total_steps=self.steps,
                 run_dir=str(self.run_dir),
@@ -131,6 +146,8 @@ class FakeSession(TrainingSession):
                         lr = cmd.values["learning_rate"]
                 elif isinstance(cmd, Sample):
                     self._emit(SampleEvent(step=step, prompt=cmd.prompt, text="fake text"))
+                elif isinstance(cmd, Eval):
+                    self._emit(EvalEvent(step=step, eval_loss=2.05, perplexity=7.8))
                 elif isinstance(cmd, Save):
                     self._emit(
                         CheckpointEvent(step=step, path=str(self.run_dir / f"checkpoints/step-{step:06d}"))

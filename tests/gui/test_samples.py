@@ -9,7 +9,7 @@ def test_the_prompt_is_sent_as_typed(qtbot):
     panel = SamplePanel()
     qtbot.addWidget(panel)
     sent = []
-    panel.generate.connect(lambda prompt, n: sent.append((prompt, n)))
+    panel.generate.connect(lambda prompt, opts: sent.append((prompt, opts.max_new_tokens)))
     panel.set_live(True)
     panel.prompt.setPlainText("Upper: cloud\n")  # the demo's prompts end with a newline
     panel.max_tokens.setValue(7)

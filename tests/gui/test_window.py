@@ -125,10 +125,18 @@ def test_an_engine_failure_is_shown_and_a_new_run_can_start(make_window, make_co
     x, _ = other.plots.c_loss_raw.item.getOriginalDataset()
     assert list(x) == [1, 2, 3]
     assert other.setup.config().train.max_steps == 3
+    # its summary's code loads the adapter with transformers and peft, as a user would paste it
+    from peft import PeftModel
+
+    code = other.summary.snippet.toPlainText()
+    assert f"PeftModel.from_pretrained(base, '{run_dir / 'final'}')" in code
+    scope: dict = {}
+    exec(code, scope)
+    assert isinstance(scope["model"], PeftModel) and scope["tokenizer"] is not None
     # and overlays on a second one for comparison
     other.compare_run(run_dir)
     other.plots.refresh(force=True)
-    assert len(other.plots.o_loss.item.getOriginalDataset()[0]) == 3
+    assert len(other.plots.overlays[0].loss.item.getOriginalDataset()[0]) == 3
     assert other.clear_compare_action.isEnabled()
 
 
@@ -141,7 +149,7 @@ def test_opening_something_that_is_not_a_run(make_window, tmp_path):
 def test_settings_and_geometry_are_remembered(make_window, make_config, settings, qtbot):
     win = make_window()
     win.set_config(make_config("train.learning_rate=2.5e-4"))
-    win.resize(640, 480)  # within the offscreen screen (800 x 600), which restoreGeometry respects
+    win.resize(1200, 800)  # within the test screen (1920 x 1200), which restoreGeometry respects
     size = (win.width(), win.height())  # what the window allowed (its docks have minimum sizes)
     win.close()
     assert settings.value("window/geometry") is not None
