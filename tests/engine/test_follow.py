@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.engine.helpers import make_cfg
+from tests.engine.helpers import run as run_trainer
 from tunedeck.engine.errors import ConfigError
 from tunedeck.engine.follow import FollowedRun, LaunchedRun, RunFollower
-from tunedeck.engine.protocol import EndEvent, Pause, StartEvent, StepEvent
+from tunedeck.engine.protocol import EndEvent, Pause, StartEvent, StepEvent, Stop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -175,3 +176,22 @@ def test_launched_on_two_processes_steered_and_interrupted(tmp_path):
     assert (run.run_dir / "checkpoints" / f"step-{paused_at:06d}").is_dir()
     assert (run.run_dir / "checkpoints" / f"step-{events[-1].step:06d}").is_dir()
     assert (run.run_dir / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_launch_sends_the_resumes_settings_as_the_cli_takes_them(tmp_path):
+    """A resume on N processes: the checkpoint's own folder when it continues there; the settings that
+    differ from the checkpoint's go as --set, as tunedeck-train takes them with --resume."""
+    cfg = make_cfg(tmp_path, train__max_steps=4, train__save_steps=1, train__run_name="r")
+    _, trainer = run_trainer(cfg, at={2: [Stop()]})  # stopped at step 2: its newest state is step 2
+    ckpts = trainer.run_dir / "checkpoints"
+    asked = cfg.copy()
+    asked.train.learning_rate = 1e-3
+    newest = LaunchedRun(asked, ckpts / "step-000002", nproc=2)
+    assert newest.run_dir == trainer.run_dir  # continues in its own folder
+    cmd = newest.command()
+    assert cmd[cmd.index("--resume") + 1] == str(ckpts / "step-000002")
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"] == ["train.learning_rate=0.001"]
+    older = LaunchedRun(asked, ckpts / "step-000001", nproc=2)  # an older state: a new folder beside it
+    assert older.run_dir == trainer.run_dir.parent / "r-2"
+    assert "train.run_name=r-2" in older.command()
