@@ -571,6 +571,11 @@ class MainWindow(QMainWindow):
                     f"launched on {nproc} processes: tunedeck-train --nproc-per-node {nproc}, writing "
                     f"{run.run_dir} (its output: {run.log_path})",
                 )
+                self.status.set_where(
+                    f"{nproc} processes",
+                    f"tunedeck-train --nproc-per-node {nproc}, started by this window as a process of "
+                    f"its own, followed through {run.run_dir}; its output: {run.log_path}",
+                )
                 return run
 
         ok = self.bridge.start(cfg, resume_from=resume_from, factory=factory)
@@ -586,6 +591,7 @@ class MainWindow(QMainWindow):
         self.summary.clear()
         self.samples.release_model()  # the last run's model goes: two never share the memory
         self.samples.set_live(False)
+        self.status.set_where("")
         self.close_when_ended = False
 
     # ------------------------------------------------------------------ following
@@ -613,6 +619,11 @@ class MainWindow(QMainWindow):
         self.status.reset(0)
         self.status.set_state("loading")
         self.status.set_detail("reading its folder…")
+        self.status.set_where(
+            "following",
+            f"The run's processes live elsewhere; this window reads {Path(path) / 'metrics.jsonl'} and "
+            f"sends commands to {Path(path) / 'control.jsonl'}",
+        )
         self.log.add(
             "info",
             f"following {path}: its processes run elsewhere; commands go to its control.jsonl",
@@ -635,7 +646,10 @@ class MainWindow(QMainWindow):
             self.log.add("warning", f"its settings could not be shown: {e.one_line()}")
             return
         self.setup.set_config(cfg)
-        self.setup.form.set_processes(int(ev.model.get("world_size") or 1))
+        n = int(ev.model.get("world_size") or 1)
+        self.setup.form.set_processes(n)
+        if n > 1:
+            self.status.set_where(f"following · {n} processes", self.status.where_label.toolTip())
         self.setup.set_origin(f"run {ev.run_id} (followed)", cfg)
         self.setup.set_running(True, cfg)
         self._form_start = cfg
@@ -841,6 +855,7 @@ class MainWindow(QMainWindow):
         self.banner.clear()
         last = hist.last_step
         self.status.reset(hist.total_steps)
+        self.status.set_where("")
         if last is not None:
             self.status.update_step(last)
         self.status.set_state(hist.status or "unfinished")

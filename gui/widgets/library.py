@@ -176,7 +176,7 @@ class RunLibrary(QWidget):
         """Read the runs folder again (runs that did not change come from the cache)."""
         selected = set(self.selected())
         # runs open, unless the user folded them
-        folded = {self._path(i) for i in self.items() if i.childCount() and not i.isExpanded()}
+        folded = {self._key(i) for i in self.items() if i.childCount() and not i.isExpanded()}
         self.summaries = run_library.list_runs(self.folder) if self.folder else []
         t = self.table
         t.blockSignals(True)
@@ -199,7 +199,8 @@ class RunLibrary(QWidget):
             for branch, child in tree.get(s.path, []):
                 if child.path not in placed:  # a folder that names itself an ancestor: listed once
                     add(under.get(branch, item) if branch is not None else item, child)
-            item.setExpanded(s.path not in folded)
+            for i in (item, *under.values()):
+                i.setExpanded(self._key(i) not in folded)
 
         for _, s in tree[None]:
             add(t, s)
@@ -287,6 +288,14 @@ class RunLibrary(QWidget):
 
     def _path(self, item: QTreeWidgetItem) -> str:
         return str(item.data(0, PATH) or "")
+
+    def _key(self, item: QTreeWidgetItem) -> str:
+        """A run's folder, or its run's folder and number for a branch (kept across refreshes)."""
+        branch = item.data(0, BRANCH)
+        if branch is None:
+            return self._path(item)
+        parent = item.parent()
+        return f"{self._path(parent) if parent is not None else ''}#branch {branch}"
 
     def item_of(self, path: str) -> QTreeWidgetItem | None:
         """The item of a run folder (None when it is not listed)."""

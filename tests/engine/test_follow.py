@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,6 +68,31 @@ def test_follow_refuses_a_folder_that_is_not_a_run(tmp_path):
     (error,) = run.drain()
     assert error.type == "error" and error.message == "set names no hyperparameter"
     assert not (tmp_path / "control.jsonl").exists()
+
+
+def test_a_run_folder_that_falls_silent_without_an_end_is_said_to_have_ended(tmp_path):
+    """A killed run writes no end event; a live one writes a line at least every second."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(line(type="start", run_id="r", step=0) + line(type="step", step=1, loss=2.0))
+    run = FollowedRun(tmp_path, silent_after_s=1.0)
+    run.start()
+    assert [e.type for e in run.drain()] == ["start", "step"]
+    for s in range(2, 8):  # growing: alive, however long it goes on
+        time.sleep(0.25)
+        with open(metrics, "ab") as f:
+            f.write(line(type="system", rss_mb=1.0) if s % 2 else line(type="step", step=s, loss=1.0))
+        assert [e.type for e in run.drain()] in (["system"], ["step"]) and run.alive
+    time.sleep(0.3)
+    assert run.drain() == [] and run.alive  # a short silence: within the bound
+    time.sleep(1.0)
+    error, end = run.drain()
+    assert re.fullmatch(
+        r"the run has written nothing for \d+ s and has no end event: its process has ended without "
+        r"finishing \(killed, or its machine went down\)",
+        error.message,
+    )
+    assert (end.status, end.step) == ("failed", 6) and not run.alive and run.end == end
+    assert run.drain() == []  # said once
 
 
 def drain_until(run, test, timeout: float) -> list:

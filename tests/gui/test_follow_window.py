@@ -42,7 +42,7 @@ def test_the_window_launches_a_run_on_two_processes_and_steers_it(
     assert not win.setup.form.processes.isEnabled()  # locked while it goes, as every non-live setting
     qtbot.waitUntil(lambda: len(win.history) >= 3, timeout=180_000)
     assert win.history.model["world_size"] == 2 and win.history.run_dir == str(run.run_dir)
-    assert "2 processes" in win.windowTitle()
+    assert "2 processes" in win.windowTitle() and win.status.where_label.text() == "2 processes"
 
     win.controls.pause_action.trigger()
     qtbot.waitUntil(lambda: win.status.state == "paused", timeout=60_000)
@@ -133,7 +133,7 @@ def test_following_a_run_started_from_a_terminal(make_window, qtbot, monkeypatch
         form = win.setup.form
         assert form.editor("train.run_name").value() == "t" and win.setup.processes() == 1
         assert not form.processes.isEnabled() and not form.editor("data.max_length").widget.isEnabled()
-        assert "(followed)" in win.setup.origin_label.text()
+        assert "(followed)" in win.setup.origin_label.text() and win.status.where_label.text() == "following"
         form.editor("train.learning_rate").set_raw("1e-3")
         form.apply_button.click()
         qtbot.waitUntil(lambda: bool(win.history.changes), timeout=30_000)

@@ -273,7 +273,7 @@ def test_branches_and_resumed_runs_read_as_a_tree(make_window, tmp_path, qtbot):
     assert float(br.text(4)) == pytest.approx(branch_loss, rel=1e-3)
     assert "left behind by a rollback to step-000002" in br.toolTip(0)
     assert "kept in branches/1/: checkpoints/step-000004" in br.toolTip(0)
-    assert br.childCount() == 1 and br.child(0).text(0) == "trunk-2"
+    assert br.childCount() == 1 and br.child(0).text(0) == "trunk-2" and br.isExpanded()
     assert "resumed from branch 1 of trunk at step 4" in br.child(0).toolTip(0)
     assert "resumed from trunk at step 2" in kids["trunk-3"].toolTip(0)
     # A branch is not a run to overlay; double-clicking it opens its run, the branch drawn faded.
@@ -287,5 +287,7 @@ def test_branches_and_resumed_runs_read_as_a_tree(make_window, tmp_path, qtbot):
     assert t.topLevelItemCount() == 1 and top.childCount() == 2 and br.child(0).text(0) == "trunk-2"
     # A refresh keeps a run the user folded, folded.
     top.setExpanded(False)
+    br.setExpanded(False)
     lib.refresh()
-    assert not t.topLevelItem(0).isExpanded()
+    top = t.topLevelItem(0)
+    assert not top.isExpanded() and not lib.branch_items(str(trunk))[0].isExpanded()
