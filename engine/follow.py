@@ -11,6 +11,7 @@ the same way: a live run folder started elsewhere (a terminal, one process or ma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -22,6 +23,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+import yaml
+
 from tunedeck.engine import config as config_mod
 from tunedeck.engine.config import Config
 from tunedeck.engine.control import CONTROL_FILE, append
@@ -32,12 +35,16 @@ from tunedeck.engine.protocol import (
     ErrorEvent,
     Event,
     StartEvent,
+    StepEvent,
     WarningEvent,
     command_from_dict,
     event_from_dict,
 )
 
 METRICS_FILE = "metrics.jsonl"
+# A live run writes at least a system event a second (rank 0's sampler, paused or not): a run folder
+# silent this long, with no end event, is taken as a run whose process has gone (killed, or its machine).
+SILENT_AFTER_S = 30.0
 
 
 class RunFollower:
@@ -113,9 +120,22 @@ class RunFollower:
 
 class FollowedRun:
     """A live run folder, driven like a ``TrainingSession``: its events come from its metrics file,
-    commands go to its control file. ``alive`` until the run's ``end`` event has been read."""
+    commands go to its control file. ``alive`` until the run's ``end`` event has been read.
 
-    def __init__(self, run_dir: str | Path, *, offset: int = 0, must_exist: bool = True) -> None:
+    A run whose process is killed writes no end event. Its folder then falls silent: after
+    ``silent_after_s`` seconds without a new line (a live run writes a system event every second), an
+    error and a failed end are said here, so whatever follows it is never left waiting. A folder
+    already that silent when followed (a run killed long ago) ends at the first drain, after its
+    history."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        offset: int = 0,
+        must_exist: bool = True,
+        silent_after_s: float = SILENT_AFTER_S,
+    ) -> None:
         run_dir = Path(run_dir)
         if must_exist and not (run_dir / METRICS_FILE).is_file():
             raise ConfigError(
@@ -125,8 +145,11 @@ class FollowedRun:
         self.follower = RunFollower(run_dir, offset)
         self.run_dir: Path | None = run_dir
         self.end: EndEvent | None = None
+        self.silent_after_s = silent_after_s
+        self.step = 0  # the newest step read
         self._local: deque[Event] = deque()  # events said here (refused commands), not by the run
         self._started = False
+        self._last_growth: float | None = None  # monotonic time the metrics file last grew
 
     def start(self) -> None:
         self._started = True
@@ -148,10 +171,46 @@ class FollowedRun:
     def drain(self, max_items: int | None = None) -> list[Event]:
         if not self._started:
             return []
-        out = list(self._local) + self.follower.poll()
+        before = self.follower.offset
+        read = self.follower.poll()
+        out = list(self._local) + read
         self._local.clear()
+        for e in read:
+            if isinstance(e, StepEvent):
+                self.step = e.step
         self.end = self.end or self.follower.end
+        if self.end is None and self._watches_silence():
+            out += self._check_silence(grew=self.follower.offset != before)
         return out
+
+    def _watches_silence(self) -> bool:
+        return self.follower.ready
+
+    def _check_silence(self, grew: bool) -> list[Event]:
+        now = time.monotonic()
+        if self._last_growth is None:  # first look: the file's own age says how long it has been silent
+            age = 0.0
+            with contextlib.suppress(OSError):
+                age = max(0.0, time.time() - self.follower.metrics.stat().st_mtime)
+            self._last_growth = now - age
+        elif grew:
+            self._last_growth = now
+            return []
+        silent = now - self._last_growth
+        if silent < self.silent_after_s:
+            return []
+        end = EndEvent(status="failed", step=self.step, output=None)
+        self.follower.end = self.end = end
+        return [
+            ErrorEvent(
+                message=f"the run has written nothing for {silent:.0f} s and has no end event: its process "
+                "has ended without finishing (killed, or its machine went down)",
+                kind="internal",
+                advice=f"its metrics and checkpoints so far are in {self.follower.run_dir}; resume from its "
+                "newest checkpoint to go on",
+            ),
+            end,
+        ]
 
     def join(self, timeout: float | None = None) -> bool:
         return True  # nothing of the run lives in this process
@@ -162,6 +221,25 @@ class FollowedRun:
 
     def sampler(self) -> None:
         return None
+
+
+def yaml_value(value: Any) -> str:
+    """``value`` as ``--set`` reads it back (YAML flow style: 1.0e-05, [q_proj, v_proj], {a: 1})."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 20)
+    return text.removesuffix("\n...\n").strip()
+
+
+def check_launch(cfg: Config, nproc: int) -> None:
+    """Raise the ConfigError that ``tunedeck-train --nproc-per-node N`` refuses ``cfg`` with (its launcher
+    options' check, then the engine's preflight on N processes), so a window refuses exactly that, up
+    front."""
+    from tunedeck.engine import launch, preflight
+
+    args = launch.parser().parse_args(["--nproc-per-node", str(nproc)])
+    problem = launch.check(args)
+    if problem:
+        raise ConfigError(problem, "choose fewer processes")
+    preflight.check(cfg, world_size=launch.world_size(args))
 
 
 class LaunchedRun(FollowedRun):
@@ -186,6 +264,7 @@ class LaunchedRun(FollowedRun):
         self.proc: subprocess.Popen | None = None
         self._log: IO[bytes] | None = None
         self._name: str | None = None
+        self._resumed_cfg: Config | None = None
         run_dir = self._planned_run_dir()
         # A resume into its run's own folder: only what is written from now on is this run's.
         offset = (run_dir / METRICS_FILE).stat().st_size if (run_dir / METRICS_FILE).is_file() else 0
@@ -193,15 +272,22 @@ class LaunchedRun(FollowedRun):
         self._pending: list[Command] = []  # sent before the run has opened its folder
 
     def _planned_run_dir(self) -> Path:
-        """The run folder the child will write: a resumed checkpoint's own, or a fresh name it is given."""
-        if self.resume_from is not None and Path(self.resume_from).parent.name == "checkpoints":
-            return Path(self.resume_from).parent.parent
-        cfg = (
-            self.config
-            if self.config is not None
-            else config_mod.load(Path(str(self.resume_from)) / "config.yaml")
-        )
-        root = Path(cfg.train.output_dir)
+        """The run folder the child will write, by the engine's own rules: a resumed run's own folder
+        when it continues there, else a fresh name it is given (``--set train.run_name``)."""
+        if self.resume_from is not None:
+            from tunedeck.engine import resume as resume_mod
+
+            # What a resume cannot change is refused here, in the engine's words, before anything starts.
+            cfg, resumed = resume_mod.prepare(self.resume_from, self.config)
+            self._resumed_cfg = resumed.cfg
+            home = resume_mod.home(resumed, cfg.train)
+            if home is not None:
+                return home
+            root = resume_mod.output_root(resumed, cfg.train)
+        else:
+            assert self.config is not None
+            cfg = self.config
+            root = Path(cfg.train.output_dir)
         base = cfg.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
         name, n = base, 1
         while (root / name).exists():
@@ -215,6 +301,11 @@ class LaunchedRun(FollowedRun):
         cmd += ["--on-nonfinite", "pause"]  # the window can lower the LR and resume it
         if self.resume_from is not None:
             cmd += ["--resume", str(self.resume_from)]
+            if self.config is not None and self._resumed_cfg is not None:
+                # The settings asked for, as the CLI takes them with a resume: what differs, with --set.
+                for dotted, (_, new) in config_mod.diff(self._resumed_cfg, self.config).items():
+                    if not (dotted == "train.run_name" and self._name is not None):
+                        cmd += ["--set", f"{dotted}={yaml_value(new)}"]
         else:
             assert self.config is not None
             cfg_file = self._work / "config.yaml"
@@ -272,6 +363,9 @@ class LaunchedRun(FollowedRun):
             ),
             end,
         ]
+
+    def _watches_silence(self) -> bool:
+        return False  # the child process itself says when the run has gone (see drain)
 
     def join(self, timeout: float | None = None) -> bool:
         if self.proc is None:

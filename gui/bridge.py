@@ -74,9 +74,16 @@ class SessionBridge(QObject):
         """True from start() until the end event has been delivered."""
         return not self._ended
 
-    def start(self, config, resume_from: str | Path | None = None, find_lr_only: Any = None) -> bool:
-        """Build and start a session (with ``find_lr_only``, a FindLR: one that only runs that range
-        test). Returns False (after emitting error + end) if it could not."""
+    def start(
+        self,
+        config,
+        resume_from: str | Path | None = None,
+        factory: SessionFactory | None = None,
+        find_lr_only: Any = None,
+    ) -> bool:
+        """Build and start a session (with ``factory`` instead of the bridge's own, say a run launched
+        as a child process or a run folder followed; with ``find_lr_only``, a FindLR: one that only runs
+        that range test). Returns False (after emitting error + end) if it could not."""
         if self.active:
             raise RuntimeError("a run is already going")
         self._ended = False
@@ -85,7 +92,7 @@ class SessionBridge(QObject):
         self.session = None
         try:
             extra = {"find_lr_only": find_lr_only} if find_lr_only is not None else {}
-            self.session = self.factory(config, resume_from=resume_from, **extra)
+            self.session = (factory or self.factory)(config, resume_from=resume_from, **extra)
             self.session.start()
         except Exception as e:  # the window must survive whatever the engine raises here
             log.exception("could not start the training session")
@@ -127,6 +134,13 @@ class SessionBridge(QObject):
                 batch.append(EndEvent(status="failed", step=self.step, output=None))
         if batch:
             self._deliver(batch)
+
+    def release(self) -> None:
+        """Stop draining a session without ending it: a followed run goes on in its own process."""
+        self._timer.stop()
+        self._ended = True
+        self.state = "idle"
+        self.session = None
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the session's thread is over (for shutdown); True when it is."""

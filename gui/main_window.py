@@ -35,6 +35,7 @@ from tunedeck.engine import builtin, checkpoint
 from tunedeck.engine import config as cfgmod
 from tunedeck.engine.config import Config
 from tunedeck.engine.errors import ConfigError
+from tunedeck.engine.follow import SILENT_AFTER_S, FollowedRun, LaunchedRun
 from tunedeck.engine.protocol import (
     Cancel,
     ChangeEvent,
@@ -130,6 +131,11 @@ class MainWindow(QMainWindow):
         self.bridge = SessionBridge(self, factory=session_factory)
         self.history = RunHistory()
         self.run_config: Config | None = None
+        # thread: the engine in this process; launched: tunedeck-train --nproc-per-node N started here
+        # and followed; follow: a run folder whose processes live elsewhere (File > Follow run).
+        self.run_kind = "thread"
+        self.launch_factory: SessionFactory = LaunchedRun
+        self.follow_silent_after_s = SILENT_AFTER_S
         self.close_when_ended = False
         self.runs_folder = default_runs_folder()
 
@@ -207,6 +213,7 @@ class MainWindow(QMainWindow):
         self.samples.message.connect(self._message)
         self.library.overlay_requested.connect(self.overlay_runs)
         self.library.open_requested.connect(self.open_run)
+        self.library.follow_requested.connect(self.follow_run)
         self.library.folder_change_requested.connect(self.choose_runs_folder)
         self.samples.generate.connect(self._sample)
         self.plots.rollback.requested.connect(self.send_rollback)
@@ -265,6 +272,13 @@ class MainWindow(QMainWindow):
             self.open_run_dialog,
             "Ctrl+Shift+O",
             "Show a past run's curves from its folder (or list a runs folder)",
+        )
+        add(
+            f,
+            "Follow run…",
+            self.follow_run_dialog,
+            "Ctrl+Shift+F",
+            "Watch and steer a live run folder (a run started from a terminal, on one process or many)",
         )
         add(f, "Compare with run…", self.compare_run_dialog, None, "Overlay another run")
         self.clear_compare_action = add(f, "Clear comparison", self.clear_compare)
@@ -460,6 +474,8 @@ class MainWindow(QMainWindow):
                 demo = cfgmod.load(builtin.DEMO_PRESET)
                 self.set_config(demo, f"preset {builtin.DEMO_PRESET.name}")
                 self.setup.preset = (builtin.DEMO_PRESET.name, demo)
+        with contextlib.suppress(TypeError, ValueError):
+            self.setup.form.set_processes(int(s.value("last/processes") or 1))
         recent = s.value("last/models") or []
         if isinstance(recent, str):
             recent = [recent]
@@ -484,6 +500,7 @@ class MainWindow(QMainWindow):
         with contextlib.suppress(ConfigError):  # invalid settings: keep the last good ones
             s.setValue("last/config", cfgmod.dump(self.setup.config()))
         s.setValue("last/data_dir", self.setup.data.start_dir)
+        s.setValue("last/processes", self.setup.processes())
         s.setValue("runs/folder", self.runs_folder)
         s.sync()
 
@@ -527,23 +544,25 @@ class MainWindow(QMainWindow):
             self.banner.show_message("The settings need fixing before a run can start", e.one_line())
             self.log.add("error", f"not started: {e.one_line()}")
             return False
+        # The range test runs in this window's process: its suggestion holds for a run on several.
+        nproc = self.setup.processes() if find_lr_only is None else 1
+        problem = self.setup.launch_problem(form_cfg) if nproc > 1 else None
+        if problem:
+            self.banner.show_message(f"Not started on {nproc} processes", problem)
+            self.log.add("error", f"not started: {problem}")
+            return False
         self.banner.clear()
         cfg = form_cfg.copy()
         cfg.train.output_dir = run_library.resolve_output_dir(cfg.train.output_dir, self.runs_folder)
         self.run_config = cfg
         self._form_start = form_cfg
-        self.history = RunHistory()
-        self.plots.set_history(self.history)
-        self.now.clear()
-        self.summary.clear()
+        self.run_kind = "launched" if nproc > 1 else "thread"
+        self._reset_for_run()
         self.setup.set_running(True, cfg)
         self.controls.set_state("loading")
         self.status.reset(cfg.train.max_steps if cfg.train.max_steps > 0 else 0)
         self.status.set_state("loading")
         self.status.set_detail("starting…")
-        self.samples.release_model()  # the last run's model goes: two never share the memory
-        self.samples.set_live(False)
-        self.close_when_ended = False
         self._remember_model(cfg.model.name_or_path)
         self.settings.setValue("last/config", cfgmod.dump(form_cfg))
         self.log.add(
@@ -556,7 +575,24 @@ class MainWindow(QMainWindow):
         if find_lr_only is not None:
             self.setup.setEnabled(False)  # nothing trains, so nothing can be applied
         self.setWindowTitle(f"{APP_NAME} — loading…")
-        ok = self.bridge.start(cfg, resume_from=resume_from, find_lr_only=find_lr_only)
+        factory = None
+        if nproc > 1:
+
+            def factory(config, resume_from=None):
+                run = self.launch_factory(config, resume_from, nproc=nproc)
+                self.log.add(
+                    "info",
+                    f"launched on {nproc} processes: tunedeck-train --nproc-per-node {nproc}, writing "
+                    f"{run.run_dir} (its output: {run.log_path})",
+                )
+                self.status.set_where(
+                    f"{nproc} processes",
+                    f"tunedeck-train --nproc-per-node {nproc}, started by this window as a process of "
+                    f"its own, followed through {run.run_dir}; its output: {run.log_path}",
+                )
+                return run
+
+        ok = self.bridge.start(cfg, resume_from=resume_from, factory=factory, find_lr_only=find_lr_only)
         if ok:
             self.library.busy_path = None
         return ok
@@ -583,6 +619,77 @@ class MainWindow(QMainWindow):
             self.apply_live({"learning_rate": lr})
         else:
             self.log.add("info", f"learning rate set to {fmt_number(lr)} for the next run")
+
+    def _reset_for_run(self) -> None:
+        """A new run (own or followed) takes the plots, the strip, the summary and the sample panel."""
+        self.history = RunHistory()
+        self.plots.set_history(self.history)
+        self.now.clear()
+        self.summary.clear()
+        self.samples.release_model()  # the last run's model goes: two never share the memory
+        self.samples.set_live(False)
+        self.status.set_where("")
+        self.close_when_ended = False
+
+    # ------------------------------------------------------------------ following
+
+    def follow_run(self, path: str | Path) -> bool:
+        """Watch and steer a live run folder whose processes live elsewhere (started from a terminal, on
+        one process or many): its metrics.jsonl feeds the plots, commands go to its control.jsonl."""
+        if self.bridge.active:
+            self.banner.show_message(
+                "A run is going in this window", "stop it, or wait for its end, before following another"
+            )
+            return False
+        try:
+            run = FollowedRun(path, silent_after_s=self.follow_silent_after_s)
+        except ConfigError as e:
+            self.banner.show_message("Not a run folder to follow", e.one_line())
+            self.log.add("error", f"not followed: {e.one_line()}")
+            return False
+        self.banner.clear()
+        self.run_kind = "follow"
+        self._form_start = None
+        self._reset_for_run()
+        self.setup.set_running(True)  # locked now; the run's settings come with its start event
+        self.controls.set_state("loading")
+        self.status.reset(0)
+        self.status.set_state("loading")
+        self.status.set_detail("reading its folder…")
+        self.status.set_where(
+            "following",
+            f"The run's processes live elsewhere; this window reads {Path(path) / 'metrics.jsonl'} and "
+            f"sends commands to {Path(path) / 'control.jsonl'}",
+        )
+        self.log.add(
+            "info",
+            f"following {path}: its processes run elsewhere; commands go to its control.jsonl",
+        )
+        self.setWindowTitle(f"{APP_NAME} — following {Path(path).name}")
+        return self.bridge.start(None, factory=lambda config, resume_from=None: run)
+
+    def follow_run_dialog(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Follow a live run (its folder)", self._runs_dir())
+        if path:
+            self.follow_run(path)
+
+    def _followed_start(self, ev: StartEvent) -> None:
+        """A followed run's settings fill the form, so Apply changes what it runs with."""
+        if not ev.config:
+            return
+        try:
+            cfg = cfgmod.from_dict(ev.config)
+        except ConfigError as e:
+            self.log.add("warning", f"its settings could not be shown: {e.one_line()}")
+            return
+        self.setup.set_config(cfg)
+        n = int(ev.model.get("world_size") or 1)
+        self.setup.form.set_processes(n)
+        if n > 1:
+            self.status.set_where(f"following · {n} processes", self.status.where_label.toolTip())
+        self.setup.set_origin(f"run {ev.run_id} (followed)", cfg)
+        self.setup.set_running(True, cfg)
+        self._form_start = cfg
 
     def send(self, cmd: Command) -> None:
         if self.bridge.active:
@@ -652,6 +759,8 @@ class MainWindow(QMainWindow):
                     self.status.set_total(total)
                     self.library.busy_path = run_dir or None
                     self.setWindowTitle(f"{APP_NAME} — {run_id}")
+                    if self.run_kind == "follow":
+                        self._followed_start(ev)
                 case StateEvent(state=state):
                     self.controls.set_state(state)
                     self.status.set_state(state)
@@ -662,7 +771,10 @@ class MainWindow(QMainWindow):
                     self.rollback_action.setEnabled(live)
                     self.autopilot.set_live(live)
                     if self.history.run_id:
-                        self.setWindowTitle(f"{APP_NAME} — {self.history.run_id} ({state})")
+                        how = {"follow": "following, ", "launched": "processes, "}.get(self.run_kind, "")
+                        if self.run_kind == "launched":
+                            how = f"{self.setup.processes()} {how}"
+                        self.setWindowTitle(f"{APP_NAME} — {self.history.run_id} ({how}{state})")
                 case EvalEvent():
                     if self.status.detail_label.text() == "evaluating…":
                         self.status.set_detail("")
@@ -788,6 +900,7 @@ class MainWindow(QMainWindow):
         self.banner.clear()
         last = hist.last_step
         self.status.reset(hist.total_steps)
+        self.status.set_where("")
         if last is not None:
             self.status.update_step(last)
         self.status.set_state(hist.status or "unfinished")
@@ -934,7 +1047,47 @@ class MainWindow(QMainWindow):
             self.setup.revalidate()
         super().changeEvent(event)
 
+    def ask_close_followed(self) -> str:
+        """'stop' (send the followed run stop: it saves and ends), 'leave' (it goes on without the
+        window) or 'stay'."""
+        box = QMessageBox(self)
+        box.setIcon(QMessageBox.Icon.Question)
+        box.setWindowTitle("Following a run")
+        box.setText("This window is following a run that goes on in its own processes. Stop it?")
+        box.setInformativeText(
+            "Stop the run finishes its current step and saves the adapter (the window closes once it "
+            "has ended); Leave it going closes the window and the run goes on (follow it again with "
+            "File › Follow run)."
+        )
+        stop = box.addButton("Stop the run", QMessageBox.ButtonRole.AcceptRole)
+        leave = box.addButton("Leave it going", QMessageBox.ButtonRole.DestructiveRole)
+        stay = box.addButton("Stay", QMessageBox.ButtonRole.RejectRole)
+        box.setDefaultButton(leave)
+        box.setEscapeButton(stay)
+        box.exec()
+        clicked = box.clickedButton()
+        return "stop" if clicked is stop else "leave" if clicked is leave else "stay"
+
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 (Qt name)
+        if self.bridge.active and self.run_kind == "follow":
+            choice = self.ask_close_followed()
+            if choice == "stay":
+                self.close_when_ended = False
+                event.ignore()
+                return
+            if choice == "leave":
+                self.log.add("info", "left the followed run going")
+                self.bridge.release()
+                self.save_settings()
+                event.accept()
+                return
+            self.close_when_ended = True
+            self.stop_run()
+            self.banner.show_message(
+                "Stopping the run…", "the window closes when it has saved and ended", level="warning"
+            )
+            event.ignore()
+            return
         if self.bridge.active:
             choice = self.ask_close()
             if choice == "stay":

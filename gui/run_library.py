@@ -2,15 +2,18 @@
 
 Each run folder (``<runs>/<run>/metrics.jsonl`` + ``config.yaml``) is summed up in a
 :class:`RunSummary`: name, date, status, steps, final loss, best eval loss, duration, tokens,
-throughput, peak memory, model and dataset. ``metrics.jsonl`` is read tolerantly (see
-:meth:`RunHistory.load`: a half-written last line or an event type of a newer version is skipped),
+throughput, peak memory, model and dataset, the run it was resumed from (``parent.json``) and the
+branches its rollbacks left behind (``branches/<n>/branch.json``). ``metrics.jsonl`` is read tolerantly
+(see :meth:`RunHistory.load`: a half-written last line or an event type of a newer version is skipped),
 and summaries are cached by the file's size and modification time, so listing a folder again after
-one run has grown reads only that run.
+one run has grown reads only that run. :func:`family` arranges a folder's runs as a tree: each run
+under the run (and branch) it was resumed from.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -25,9 +28,39 @@ import yaml
 from tunedeck.engine import builtin
 from tunedeck.gui.history import RunHistory
 
+PARENT_FILE = "parent.json"  # engine/resume.py writes it in a run folder resumed from an older state
+BRANCHES = "branches"  # engine/rollback.py keeps a rollback's abandoned checkpoints in branches/<n>/
+
 METRICS = "metrics.jsonl"
 # A run whose metrics.jsonl changed this recently, with no end event yet, is taken as going.
 LIVE_WITHIN_S = 120.0
+
+
+@dataclass(frozen=True)
+class BranchSummary:
+    """Steps ``to_step+1..from_step`` of a run, left behind by a rollback to ``checkpoint``."""
+
+    number: int
+    from_step: int
+    to_step: int
+    checkpoint: str
+    time: float  # unix time of the rollback
+    final_loss: float | None  # the last loss on the branch
+    kept: tuple[str, ...]  # its checkpoints and final/, moved to branches/<number>/
+
+    @property
+    def steps(self) -> int:
+        return self.from_step - self.to_step
+
+
+@dataclass(frozen=True)
+class Parent:
+    """Where a run resumed into a new folder came from (its ``parent.json``)."""
+
+    path: str  # the parent's run folder (or the checkpoint, when it lay in no run folder)
+    branch: int | None  # the parent's branch the checkpoint lay in
+    step: int | None
+    checkpoint: str
 
 
 @dataclass(frozen=True)
@@ -49,6 +82,8 @@ class RunSummary:
     dataset: str
     output: str | None  # the final/ folder, when the run saved one
     lora: bool
+    parent: Parent | None = None
+    branches: tuple[BranchSummary, ...] = ()
 
     @property
     def date(self) -> str:
@@ -104,7 +139,83 @@ def summarize(hist: RunHistory, config: dict[str, Any] | None = None) -> RunSumm
         dataset=str(data_cfg.get("path", "")),
         output=output,
         lora=bool(lora_cfg.get("enabled", True)),
+        parent=read_parent(hist.run_dir) if hist.run_dir else None,
+        branches=_branches(hist),
     )
+
+
+def read_parent(run_dir: str | Path) -> Parent | None:
+    """The run this one was resumed from (None when it was not, or its ``parent.json`` is unreadable)."""
+    try:
+        rec = json.loads((Path(run_dir) / PARENT_FILE).read_text(encoding="utf-8"))
+        branch = rec.get("branch")
+        return Parent(
+            path=str(rec["parent"]),
+            branch=int(branch) if branch not in (None, "") else None,
+            step=int(rec["step"]) if rec.get("step") is not None else None,
+            checkpoint=str(rec.get("checkpoint") or ""),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _branches(hist: RunHistory) -> tuple[BranchSummary, ...]:
+    """The run's branches: as its folder records them (``branches/<n>/branch.json``), with the losses
+    its metrics kept; a branch only the metrics know of (its record lost) is listed too."""
+    records: dict[int, dict[str, Any]] = {}
+    root = Path(hist.run_dir) / BRANCHES if hist.run_dir else None
+    if root is not None and root.is_dir():
+        for p in root.iterdir():
+            if p.name.isdigit():
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    rec = json.loads((p / "branch.json").read_text(encoding="utf-8"))
+                    records[int(p.name)] = rec if isinstance(rec, dict) else {}
+    losses: dict[int, float | None] = {}
+    for b in hist.branches:
+        if b.number is None:
+            continue
+        finite = b.loss[np.isfinite(b.loss)]
+        losses[b.number] = float(finite[-1]) if len(finite) > 1 else None  # [0] is the fork point
+        if b.number not in records:
+            records[b.number] = {"from_step": b.from_step, "to_step": b.to_step, "checkpoint": b.checkpoint}
+    out = []
+    for n in sorted(records):
+        rec = records[n]
+        with contextlib.suppress(KeyError, ValueError, TypeError):
+            out.append(
+                BranchSummary(
+                    number=n,
+                    from_step=int(rec["from_step"]),
+                    to_step=int(rec["to_step"]),
+                    checkpoint=str(rec.get("checkpoint", "")),
+                    time=float(rec.get("time") or 0.0),
+                    final_loss=losses.get(n),
+                    kept=tuple(str(m) for m in rec.get("moved") or ()),
+                )
+            )
+    return tuple(out)
+
+
+def family(summaries: list[RunSummary]) -> dict[str | None, list[tuple[int | None, RunSummary]]]:
+    """The runs as a tree: ``{parent run folder: [(branch, run), ...]}`` for each run resumed from a run
+    in the list (``branch``: the parent's branch it came from, or None), and ``{None: [...]}`` for the
+    rest (runs started afresh, or whose parent lies elsewhere), each list in the order given."""
+    by_path = {_key(s.path): s.path for s in summaries}
+    out: dict[str | None, list[tuple[int | None, RunSummary]]] = {None: []}
+    for s in summaries:
+        parent = by_path.get(_key(s.parent.path)) if s.parent is not None else None
+        if parent is None or _key(parent) == _key(s.path):
+            out[None].append((None, s))
+        else:
+            out.setdefault(parent, []).append((s.parent.branch if s.parent else None, s))
+    return out
+
+
+def _key(path: str) -> str:
+    try:
+        return str(Path(path).resolve())
+    except OSError:
+        return path
 
 
 def read_config(run_dir: str | Path) -> dict[str, Any]:

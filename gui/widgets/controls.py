@@ -135,6 +135,9 @@ class RunStatus(QWidget):
         lay.setContentsMargins(4, 0, 4, 0)
         lay.setSpacing(14)
         self.state_label = QLabel()
+        self.where_label = QLabel()  # where the run's processes are, when not this window's own thread
+        self.where_label.setStyleSheet("color: #7fb3ff;")
+        self.where_label.setVisible(False)
         self.detail_label = QLabel()  # what a loading run waits for: "tokenizing 12,000 / 214,000 rows"
         self.detail_label.setStyleSheet("color: #d9a32b;")
         self.step_label = QLabel()
@@ -148,6 +151,7 @@ class RunStatus(QWidget):
         self.tps_label = QLabel()
         for w in (
             self.state_label,
+            self.where_label,
             self.detail_label,
             self.step_label,
             self.progress,
@@ -194,6 +198,12 @@ class RunStatus(QWidget):
             # Nothing moves while paused or after the end: an ETA or a rate from before would be stale.
             self.eta_label.setText("ETA –" if state != "paused" else "ETA (paused)")
             self.tps_label.setText("– tok/s")
+
+    def set_where(self, text: str, tip: str = "") -> None:
+        """Where the run goes: "2 processes", "following" (nothing for the window's own thread)."""
+        self.where_label.setText(text)
+        self.where_label.setToolTip(tip)
+        self.where_label.setVisible(bool(text))
 
     def set_detail(self, text: str) -> None:
         self.detail_label.setText(text)

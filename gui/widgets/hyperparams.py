@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
+    QSpinBox,
     QToolButton,
     QVBoxLayout,
     QWidget,
@@ -66,10 +67,22 @@ GROUPS: list[tuple[str, list[str]]] = [
     ),
     ("LoRA", ["lora.enabled", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules"]),
     ("Model and memory", ["model.dtype", QUANT, "model.gradient_checkpointing"]),
+    ("Processes", ["train.distributed"]),  # under the processes field (not a config key: how it runs)
     ("Data", ["data.format", "data.completion_only_loss", "data.packing", "data.eval_fraction"]),
     ("Evaluation and saving", ["train.eval_steps", "train.save_steps", "train.output_dir", "train.run_name"]),
 ]
 # Everything else goes under "Advanced" (collapsed), so a new engine field always gets an editor.
+
+MAX_PROCESSES = 256
+PROCESSES_TIP = (
+    "<b>processes</b><br>1: the run trains in this window's own thread. N &gt; 1: the window starts "
+    "<tt>tunedeck-train --nproc-per-node N</tt> (PyTorch's torchrun: one process per GPU; gloo on a CPU) "
+    "as a process of its own and follows its run folder, with the same plots and controls; closing the "
+    "window asks what to do with the run, as for one in its thread.<br><i>train.distributed</i> says "
+    "how the processes share the work."
+)
+NO_DISTRIBUTED_TIP = "This PyTorch build has no torch.distributed: runs go in one process."
+ONE_PROCESS_TIP = "Used with processes above 1 only: one process runs the whole model itself."
 
 RUNNING_HINT = "The run is going: the enabled fields change it live. Edit them, then Apply (or Enter)."
 PAUSED_HINT = "The run is paused: Apply (or Enter) changes it now; training goes on with it on Resume."
@@ -103,6 +116,15 @@ RUNNING_HINT = "The run is going: the fields still enabled below change it live.
 SUGGESTIONS = {
     "lora.target_modules": ["q_proj, k_proj, v_proj, o_proj", "all-linear", "q_proj, v_proj"],
 }
+
+
+def distributed_available() -> bool:
+    """Whether this torch can run a process group (torch.distributed), which N > 1 processes need."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return False
+    return bool(dist.is_available())
 
 
 def fmt_value(v: Any) -> str:
@@ -323,9 +345,32 @@ class HyperparamForm(QWidget):
         ab.addLayout(buttons)
         self.apply_bar.setVisible(False)
 
+        # How many processes run it: not a config key (the CLI's --nproc-per-node), so not an editor.
+        self.processes = QSpinBox()
+        self.processes.setObjectName("processes")
+        self.processes.setRange(1, MAX_PROCESSES)
+        self.processes_label = QLabel("processes")
+        self.processes_error = QLabel()
+        self.processes_error.setWordWrap(True)
+        self.processes_error.setStyleSheet("color: #ff8a8f; font-size: 11px;")
+        self.processes_error.setVisible(False)
+        self.processes.valueChanged.connect(self._processes_changed)
+        self.distributed_ok = distributed_available()
+
         placed: set[str] = set()
         for title, keys in GROUPS:
-            lay.addWidget(self._group(title, keys))
+            box = self._group(title, keys)
+            if title == "Processes":
+                col = QWidget()
+                v = QVBoxLayout(col)
+                v.setContentsMargins(0, 0, 0, 0)
+                v.setSpacing(1)
+                v.addWidget(self.processes)
+                v.addWidget(self.processes_error)
+                form = box.layout()
+                assert isinstance(form, QFormLayout)
+                form.insertRow(0, self.processes_label, col)
+            lay.addWidget(box)
             placed.update(keys)
         placed.update(EXTERNAL | {"model.load_in_4bit", "model.load_in_8bit"})
         rest = [
@@ -347,6 +392,7 @@ class HyperparamForm(QWidget):
         lay.addStretch(1)
         self.editors["train.per_device_train_batch_size"].changed.connect(self._batch_edited)
         self.set_config(Config())
+        self._sync_processes()
 
     def _group(self, title: str, keys: list[str]) -> QGroupBox:
         box = QGroupBox(title)
@@ -381,6 +427,40 @@ class HyperparamForm(QWidget):
                 self._apply()
                 return True
         return super().eventFilter(obj, event)
+
+    # ------------------------------------------------------------------ processes
+
+    def set_processes(self, n: int) -> None:
+        self.processes.setValue(max(1, min(MAX_PROCESSES, int(n))))
+        self._sync_processes()
+
+    def show_processes_error(self, err: str | None) -> None:
+        """A problem with running on this many processes (the engine's refusal), under the field."""
+        self.processes_error.setText(err or "")
+        self.processes_error.setVisible(bool(err))
+
+    def _processes_changed(self, _n: int) -> None:
+        self._sync_processes()
+        self.edited.emit()
+
+    def _sync_processes(self) -> None:
+        """The field is locked during a run and where torch has no torch.distributed; train.distributed
+        is dimmed while one process runs (it ignores it)."""
+        usable = self.distributed_ok and not self.running
+        if not self.distributed_ok:
+            self.processes.setValue(1)
+        self.processes.setEnabled(usable)
+        self.processes_label.setEnabled(usable)
+        tip = PROCESSES_TIP
+        if not self.distributed_ok:
+            tip += f"<p><b>{NO_DISTRIBUTED_TIP}</b></p>"
+        elif self.running:
+            tip += "<p><b>Locked while a run goes.</b></p>"
+        self.processes.setToolTip(tip)
+        self.processes_label.setToolTip(tip)
+        ed = self.editors.get("train.distributed")
+        if ed is not None and not self.running:
+            ed.set_locked(self.processes.value() <= 1, ONE_PROCESS_TIP)
 
     def set_paused(self, paused: bool) -> None:
         self.apply_hint.setText(PAUSED_HINT if paused else RUNNING_HINT)
@@ -434,6 +514,7 @@ class HyperparamForm(QWidget):
             ed.set_locked(running and not ed.live, why)
             if not running:
                 ed.mark_changed(False)
+        self._sync_processes()
         self.advanced_toggle.setEnabled(True)
         self.apply_hint.setText(RUNNING_HINT)
         self.apply_bar.setVisible(running)

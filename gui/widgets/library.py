@@ -1,18 +1,22 @@
-"""The run library: the runs folder as a table; select runs to overlay them, open, rename, delete.
+"""The run library: the runs folder as a tree; select runs to overlay them, open, rename, delete.
 
-The summaries come from :mod:`tunedeck.gui.run_library` (no Qt). Selecting rows overlays those runs
-on the plots, each in its own colour (shown by its name); double-click (or Open) makes a run the
-one shown; Rename, Delete (after asking) and Reveal act on the folder. The run going in this window
+The summaries come from :mod:`tunedeck.gui.run_library` (no Qt). A run resumed into a new folder sits
+under the run it came from (under that run's branch, when it was resumed from a branch's checkpoint),
+and the branches a run's rollbacks left behind sit under the run, so a run's history reads as a tree.
+Selecting runs overlays them on the plots, each in its own colour (shown by its name); double-click
+(or Open) makes a run the one shown (a branch: its run, the branch drawn faded); Rename, Delete
+(after asking) and Reveal act on the folder; Follow watches a live one. The run going in this window
 can be neither renamed nor deleted.
 """
 
 from __future__ import annotations
 
 import html
+import time
 from pathlib import Path
 
 from PySide6.QtCore import QPoint, Qt, QUrl, Signal
-from PySide6.QtGui import QColor, QDesktopServices, QIcon, QPixmap
+from PySide6.QtGui import QBrush, QColor, QDesktopServices, QIcon, QPixmap
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QHBoxLayout,
@@ -23,15 +27,16 @@ from PySide6.QtWidgets import (
     QMessageBox,
     QPushButton,
     QSizePolicy,
-    QTableWidget,
-    QTableWidgetItem,
+    QTreeWidget,
+    QTreeWidgetItem,
+    QTreeWidgetItemIterator,
     QVBoxLayout,
     QWidget,
 )
 
 from tunedeck.gui import run_library
 from tunedeck.gui.history import fmt_duration, fmt_number
-from tunedeck.gui.run_library import RunSummary
+from tunedeck.gui.run_library import BranchSummary, RunSummary
 from tunedeck.gui.widgets.theme import MUTED, OVERLAY_COLORS
 
 COLUMNS = ["name", "date", "status", "steps", "final loss", "best eval", "duration", "model", "dataset"]
@@ -43,24 +48,33 @@ def swatch(color: str) -> QIcon:
     return QIcon(pix)
 
 
-class SortItem(QTableWidgetItem):
-    """Sorts by a hidden key (numbers as numbers, dates by time), shows the text."""
+PATH = Qt.ItemDataRole.UserRole  # a run item's folder ("" on a branch item)
+COLOR = Qt.ItemDataRole.UserRole + 1  # the overlay colour of a run item, when overlaid
+BRANCH = Qt.ItemDataRole.UserRole + 2  # a branch item's number
 
-    def __init__(self, text: str, key: object) -> None:
-        super().__init__(text)
-        self.key = key
 
-    def __lt__(self, other: QTableWidgetItem) -> bool:
-        k2 = getattr(other, "key", None)
+class SortItem(QTreeWidgetItem):
+    """A row of the tree; sorts by hidden keys per column (numbers as numbers, dates by time), shows
+    the text. Sorting orders the runs at each level; children stay under their parent."""
+
+    def __init__(self, cells: list[tuple[str, object]]) -> None:
+        super().__init__([text for text, _ in cells])
+        self.keys = [key for _, key in cells]
+
+    def __lt__(self, other: QTreeWidgetItem) -> bool:
+        tree = self.treeWidget()
+        c = tree.sortColumn() if tree is not None else 0
+        a, b = self.keys[c], getattr(other, "keys", [None] * (c + 1))[c]
         try:
-            return bool(self.key < k2)  # type: ignore[operator]
+            return bool(a < b)  # type: ignore[operator]
         except TypeError:
-            return str(self.key) < str(k2)
+            return str(a) < str(b)
 
 
 class RunLibrary(QWidget):
     overlay_requested = Signal(list)  # run folders to overlay, in selection order
     open_requested = Signal(str)  # a run folder to show
+    follow_requested = Signal(str)  # a live run folder to follow
     folder_change_requested = Signal()  # the user wants to pick another runs folder
     message = Signal(str, str)  # (level, text) for the log
 
@@ -82,19 +96,24 @@ class RunLibrary(QWidget):
         top.addWidget(self.change_button)
         top.addWidget(self.refresh_button)
 
-        self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table = QTreeWidget()
+        self.table.setColumnCount(len(COLUMNS))
+        self.table.setHeaderLabels(COLUMNS)
+        self.table.setRootIsDecorated(True)
+        self.table.setUniformRowHeights(True)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.verticalHeader().setVisible(False)
-        self.table.verticalHeader().setDefaultSectionSize(22)
         self.table.setSortingEnabled(True)
+        self.table.sortByColumn(1, Qt.SortOrder.DescendingOrder)  # newest first
         self.table.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
-        hh = self.table.horizontalHeader()
+        hh = self.table.header()
         hh.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         hh.setStretchLastSection(True)
-        self.table.setToolTip("Select runs to overlay them on the plots; double-click to open one.")
+        self.table.setToolTip(
+            "Select runs to overlay them on the plots; double-click to open one. A run resumed into a "
+            "new folder sits under the run it came from; a rollback's abandoned steps are a branch."
+        )
         self.table.setMinimumHeight(50)
 
         self.open_button = QPushButton("Open")
@@ -103,12 +122,22 @@ class RunLibrary(QWidget):
         self.delete_button = QPushButton("Delete…")
         self.reveal_button = QPushButton("Reveal")
         self.reveal_button.setToolTip("Show the run folder in the file manager.")
+        self.follow_button = QPushButton("Follow")
+        self.follow_button.setToolTip(
+            "Watch and steer this live run (one started from a terminal, say) with the plots and controls."
+        )
         self.hint = QLabel("Select runs to overlay them.")
         self.hint.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.hint.setStyleSheet(f"color: {MUTED};")
         row = QHBoxLayout()
         row.setContentsMargins(4, 2, 4, 2)
-        for b in (self.open_button, self.rename_button, self.delete_button, self.reveal_button):
+        for b in (
+            self.open_button,
+            self.follow_button,
+            self.rename_button,
+            self.delete_button,
+            self.reveal_button,
+        ):
             row.addWidget(b)
         row.addWidget(self.hint, 1)
 
@@ -122,7 +151,7 @@ class RunLibrary(QWidget):
         self.change_button.clicked.connect(self.folder_change_requested.emit)
         self.refresh_button.clicked.connect(self.refresh)
         self.table.itemSelectionChanged.connect(self._selection_changed)
-        self.table.cellDoubleClicked.connect(lambda r, _c: self._open_row(r))
+        self.table.itemDoubleClicked.connect(lambda item, _c: self._open_item(item))
         self.table.customContextMenuRequested.connect(self._context_menu)
         self.open_button.clicked.connect(
             lambda: self.selected() and self.open_requested.emit(self.selected()[0])
@@ -130,6 +159,9 @@ class RunLibrary(QWidget):
         self.rename_button.clicked.connect(self.rename_dialog)
         self.delete_button.clicked.connect(self.delete_selected)
         self.reveal_button.clicked.connect(lambda: [self.reveal(p) for p in self.selected()[:1]])
+        self.follow_button.clicked.connect(
+            lambda: self.selected() and self.follow_requested.emit(self.selected()[0])
+        )
         self._update_buttons()
 
     # ------------------------------------------------------------------ contents
@@ -143,83 +175,171 @@ class RunLibrary(QWidget):
     def refresh(self) -> None:
         """Read the runs folder again (runs that did not change come from the cache)."""
         selected = set(self.selected())
+        # runs open, unless the user folded them
+        folded = {self._key(i) for i in self.items() if i.childCount() and not i.isExpanded()}
         self.summaries = run_library.list_runs(self.folder) if self.folder else []
         t = self.table
         t.blockSignals(True)
         t.setSortingEnabled(False)
-        t.setRowCount(len(self.summaries))
-        for r, s in enumerate(self.summaries):
-            be = s.best_eval
-            cells = [
+        t.clear()
+        tree = run_library.family(self.summaries)
+        placed: set[str] = set()
+
+        def add(parent: QTreeWidget | QTreeWidgetItem, s: RunSummary) -> None:
+            item = self._run_item(s)
+            placed.add(s.path)
+            if isinstance(parent, QTreeWidget):
+                parent.addTopLevelItem(item)
+            else:
+                parent.addChild(item)
+            under: dict[int, QTreeWidgetItem] = {}
+            for b in s.branches:
+                under[b.number] = self._branch_item(b)
+                item.addChild(under[b.number])
+            for branch, child in tree.get(s.path, []):
+                if child.path not in placed:  # a folder that names itself an ancestor: listed once
+                    add(under.get(branch, item) if branch is not None else item, child)
+            for i in (item, *under.values()):
+                i.setExpanded(self._key(i) not in folded)
+
+        for _, s in tree[None]:
+            add(t, s)
+        for s in self.summaries:  # a loop of parents (hand-edited files): still listed
+            if s.path not in placed:
+                add(t, s)
+        t.setSortingEnabled(True)
+        t.clearSelection()
+        for item in self.items():
+            if self._path(item) in selected:
+                item.setSelected(True)
+        t.blockSignals(False)
+        self._color_rows()
+        self._update_buttons()
+
+    def _run_item(self, s: RunSummary) -> SortItem:
+        be = s.best_eval
+        steps = f"{s.steps:,}" + (
+            f" / {s.total_steps:,}" if s.total_steps and s.total_steps != s.steps else ""
+        )
+        item = SortItem(
+            [
                 (s.name, s.name.lower()),
                 (s.date, s.started),
                 (s.status, s.status),
-                (
-                    f"{s.steps:,}"
-                    + (f" / {s.total_steps:,}" if s.total_steps and s.total_steps != s.steps else ""),
-                    s.steps,
-                ),
+                (steps, s.steps),
                 (fmt_number(s.final_loss) if s.final_loss is not None else "–", s.final_loss or 0.0),
                 (f"{fmt_number(be[1])} @ {be[0]:,}" if be else "–", be[1] if be else float("inf")),
                 (fmt_duration(s.duration_s), s.duration_s or 0.0),
                 (s.model, s.model),
                 (s.dataset, s.dataset),
             ]
-            for c, (text, key) in enumerate(cells):
-                item = SortItem(text, key)
-                item.setData(Qt.ItemDataRole.UserRole, s.path)
-                item.setToolTip(s.path if c == 0 else text)
-                t.setItem(r, c, item)
-        t.setSortingEnabled(True)
-        t.clearSelection()
-        for r in range(t.rowCount()):
-            if self._path(r) in selected:
-                t.selectRow(r)
-        t.blockSignals(False)
-        self._color_rows()
-        self._update_buttons()
+        )
+        item.setData(0, PATH, s.path)
+        tip = s.path
+        if s.parent is not None:
+            where = f"branch {s.parent.branch} of " if s.parent.branch is not None else ""
+            at = f" at step {s.parent.step:,}" if s.parent.step is not None else ""
+            tip += f"\nresumed from {where}{Path(s.parent.path).name}{at} ({s.parent.checkpoint})"
+        if s.branches:
+            tip += f"\n{len(s.branches)} branch{'es' if len(s.branches) > 1 else ''} left by rollbacks"
+        item.setToolTip(0, tip)
+        for c in range(1, len(COLUMNS)):
+            item.setToolTip(c, item.text(c))
+        return item
 
-    def _path(self, row: int) -> str:
-        item = self.table.item(row, 0)
-        return str(item.data(Qt.ItemDataRole.UserRole)) if item is not None else ""
+    def _branch_item(self, b: BranchSummary) -> SortItem:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(b.time)) if b.time else ""
+        loss = fmt_number(b.final_loss) if b.final_loss is not None else "–"
+        item = SortItem(
+            [
+                (f"branch {b.number}", f"~branch {b.number:06d}"),
+                (when, b.time),
+                ("rolled back", "rolled back"),
+                (f"{b.to_step + 1:,}–{b.from_step:,}", b.from_step),
+                (loss, b.final_loss or 0.0),
+                ("", float("inf")),
+                ("", 0.0),
+                ("", ""),
+                ("", ""),
+            ]
+        )
+        item.setData(0, PATH, "")
+        item.setData(0, BRANCH, b.number)
+        item.setFlags(Qt.ItemFlag.ItemIsEnabled)  # not a run: not selectable, not overlaid
+        kept = f"; kept in branches/{b.number}/: {', '.join(b.kept)}" if b.kept else ""
+        tip = (
+            f"Steps {b.to_step + 1:,} to {b.from_step:,} ({b.steps:,}), left behind by a rollback to "
+            f"{b.checkpoint}{kept}. Open the run to see them faded on its plots."
+        )
+        muted = QBrush(QColor(MUTED))
+        for c in range(len(COLUMNS)):
+            item.setToolTip(c, tip)
+            item.setForeground(c, muted)
+        return item
 
-    def row_of(self, path: str) -> int:
-        return next((r for r in range(self.table.rowCount()) if self._path(r) == str(path)), -1)
+    def items(self) -> list[QTreeWidgetItem]:
+        """Every item of the tree, in the order shown (runs and branches)."""
+        out = []
+        it = QTreeWidgetItemIterator(self.table)
+        while it.value() is not None:
+            out.append(it.value())
+            it += 1
+        return out
+
+    def _path(self, item: QTreeWidgetItem) -> str:
+        return str(item.data(0, PATH) or "")
+
+    def _key(self, item: QTreeWidgetItem) -> str:
+        """A run's folder, or its run's folder and number for a branch (kept across refreshes)."""
+        branch = item.data(0, BRANCH)
+        if branch is None:
+            return self._path(item)
+        parent = item.parent()
+        return f"{self._path(parent) if parent is not None else ''}#branch {branch}"
+
+    def item_of(self, path: str) -> QTreeWidgetItem | None:
+        """The item of a run folder (None when it is not listed)."""
+        return next((i for i in self.items() if self._path(i) == str(path)), None)
+
+    def branch_items(self, path: str) -> list[QTreeWidgetItem]:
+        """The branch items under a run's item."""
+        item = self.item_of(path)
+        if item is None:
+            return []
+        return [item.child(k) for k in range(item.childCount()) if item.child(k).data(0, BRANCH) is not None]
+
+    def summary_of(self, path: str) -> RunSummary | None:
+        return next((s for s in self.summaries if s.path == str(path)), None)
 
     def selected(self) -> list[str]:
-        """Selected run folders, in the order the table shows them."""
-        rows = sorted({i.row() for i in self.table.selectedIndexes()})
-        return [self._path(r) for r in rows]
+        """Selected run folders, in the order the tree shows them."""
+        return [p for i in self.items() if i.isSelected() and (p := self._path(i))]
 
     def select(self, paths: list[str]) -> None:
         t = self.table
         t.blockSignals(True)
         t.clearSelection()
-        mode = t.selectionMode()
-        t.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
         for p in paths:
-            r = self.row_of(p)
-            if r >= 0:
-                t.selectRow(r)
-        t.setSelectionMode(mode)
+            item = self.item_of(p)
+            if item is not None:
+                item.setSelected(True)
         t.blockSignals(False)
         self._selection_changed()
 
     def _color_rows(self) -> None:
         """The name of each overlaid run in its overlay colour (as on the plots)."""
         chosen = self.selected()
-        for r in range(self.table.rowCount()):
-            item = self.table.item(r, 0)
-            if item is None:
+        for item in self.items():
+            p = self._path(item)
+            if not p:
                 continue
-            p = self._path(r)
             if p in chosen:
                 color = OVERLAY_COLORS[chosen.index(p) % len(OVERLAY_COLORS)]
-                item.setIcon(swatch(color))  # an icon keeps its colour in a selected row
-                item.setData(Qt.ItemDataRole.UserRole + 1, color)
+                item.setIcon(0, swatch(color))  # an icon keeps its colour in a selected row
+                item.setData(0, COLOR, color)
             else:
-                item.setIcon(QIcon())
-                item.setData(Qt.ItemDataRole.UserRole + 1, None)
+                item.setIcon(0, QIcon())
+                item.setData(0, COLOR, None)
 
     def _selection_changed(self) -> None:
         self._color_rows()
@@ -231,6 +351,8 @@ class RunLibrary(QWidget):
         one = len(sel) == 1
         busy = bool(self.busy_path) and any(p == self.busy_path for p in sel)
         self.open_button.setEnabled(one)
+        live = one and (summary := self.summary_of(sel[0])) is not None and summary.status == "running"
+        self.follow_button.setEnabled(bool(live) and not busy)
         self.rename_button.setEnabled(one and not busy)
         self.delete_button.setEnabled(bool(sel) and not busy)
         self.reveal_button.setEnabled(one)
@@ -238,8 +360,9 @@ class RunLibrary(QWidget):
         n = len(sel)
         self.hint.setText(why or (f"{n} runs overlaid" if n > 1 else "Select runs to overlay them."))
 
-    def _open_row(self, row: int) -> None:
-        p = self._path(row)
+    def _open_item(self, item: QTreeWidgetItem) -> None:
+        # a branch opens its run: the branch is drawn there, faded
+        p = self._path(item) or (self._path(item.parent()) if item.parent() is not None else "")
         if p:
             self.open_requested.emit(p)
 
@@ -247,7 +370,13 @@ class RunLibrary(QWidget):
         if not self.selected():
             return
         m = QMenu(self)
-        for b in (self.open_button, self.rename_button, self.delete_button, self.reveal_button):
+        for b in (
+            self.open_button,
+            self.follow_button,
+            self.rename_button,
+            self.delete_button,
+            self.reveal_button,
+        ):
             a = m.addAction(b.text())
             a.setEnabled(b.isEnabled())
             a.triggered.connect(b.click)

@@ -920,6 +920,9 @@ class PlotPanel(QWidget):
         self._layout_labels()
         self._zero_ranges()
         self._titles()
+        # pyqtgraph defers the views' auto-range to just before a paint; the labels it moves would then
+        # ask for a second paint. Done now, the new data, ranges and labels go out in one paint.
+        self.glw.scene().prepareForPaint()
         return True
 
     def _sync_rollback(self, h: RunHistory) -> None:

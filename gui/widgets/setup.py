@@ -150,12 +150,32 @@ class SetupPanel(QWidget):
         self.form.set_config(cfg)
         self.revalidate()
 
-    def revalidate(self, *_args) -> bool:
+    def processes(self) -> int:
+        """How many processes a run started now goes on (1: in the window's own thread)."""
+        return self.form.processes.value()
+
+    def launch_problem(self, cfg: Config) -> str | None:
+        """What ``tunedeck-train --nproc-per-node N`` would refuse ``cfg`` with on the processes asked
+        for (the engine's own check, e.g. fsdp cannot shard a 4-bit model), or None."""
+        n = self.processes()
+        if n <= 1:
+            return None
+        from tunedeck.engine.follow import check_launch
+
         try:
-            self.config()
-            problem = None
+            check_launch(cfg, n)
+        except ConfigError as e:
+            return e.one_line()
+        return None
+
+    def revalidate(self, *_args) -> bool:
+        launch = None
+        try:
+            launch = self.launch_problem(self.config())
+            problem = launch
         except ConfigError as e:
             problem = e.one_line()
+        self.form.show_processes_error(launch)
         changed = problem != self.problem
         self.problem = problem
         n = len(self.form.errors()) + bool(self.model.check()) + bool(self.data.check())

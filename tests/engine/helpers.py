@@ -9,6 +9,7 @@ from typing import Any
 from tunedeck.engine import config as config_mod
 from tunedeck.engine import resume as resume_mod
 from tunedeck.engine.protocol import Command, Event, StepEvent
+from tunedeck.engine.sinks import JsonlSink, RunLog
 from tunedeck.engine.trainer import Trainer
 
 
@@ -30,16 +31,23 @@ def make_cfg(tmp_path: Path, **overrides: Any) -> config_mod.Config:
 
 
 def run(
-    cfg: config_mod.Config | None, at: dict[int, list[Command]] | None = None, resume_from: Path | None = None
+    cfg: config_mod.Config | None,
+    at: dict[int, list[Command]] | None = None,
+    resume_from: Path | None = None,
+    metrics: bool = False,
 ) -> tuple[list[Event], Trainer]:
     """Run to the end; ``at[n]`` commands are queued when step n is first reported, so they apply before
     step n+1 (once: a rollback that reports step n again does not send them again). With ``resume_from``,
-    ``cfg`` is the config asked for, compared with the checkpoint's as a resume does (None: the checkpoint's)."""
+    ``cfg`` is the config asked for, compared with the checkpoint's as a resume does (None: the checkpoint's).
+    ``metrics``: the events also go to the run folder's metrics.jsonl, as a session writes them."""
     at = dict(at or {})
     events: list[Event] = []
     commands: queue.Queue = queue.Queue()
+    log = RunLog()
 
     def emit(e: Event) -> None:
+        if metrics:
+            log.write(e)
         events.append(e)
         if isinstance(e, StepEvent):
             for c in at.pop(e.step, []):
@@ -51,8 +59,10 @@ def run(
     if resume_from is not None:
         cfg, resume = resume_mod.prepare(resume_from, cfg)
     assert cfg is not None, "run() needs a config or a checkpoint"
-    trainer = Trainer(cfg, emit, commands, resume=resume)
-    events.append(trainer.run())
+    opened = (lambda run_dir: log.open([JsonlSink(run_dir)])) if metrics else None
+    trainer = Trainer(cfg, emit, commands, resume=resume, on_run_dir=opened)
+    emit(trainer.run())
+    log.close()
     return events, trainer
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.engine.helpers import make_cfg
+from tests.engine.helpers import run as run_trainer
 from tunedeck.engine.errors import ConfigError
 from tunedeck.engine.follow import FollowedRun, LaunchedRun, RunFollower
-from tunedeck.engine.protocol import EndEvent, Pause, StartEvent, StepEvent
+from tunedeck.engine.protocol import EndEvent, Pause, StartEvent, StepEvent, Stop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,6 +68,31 @@ def test_follow_refuses_a_folder_that_is_not_a_run(tmp_path):
     (error,) = run.drain()
     assert error.type == "error" and error.message == "set names no hyperparameter"
     assert not (tmp_path / "control.jsonl").exists()
+
+
+def test_a_run_folder_that_falls_silent_without_an_end_is_said_to_have_ended(tmp_path):
+    """A killed run writes no end event; a live one writes a line at least every second."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(line(type="start", run_id="r", step=0) + line(type="step", step=1, loss=2.0))
+    run = FollowedRun(tmp_path, silent_after_s=1.0)
+    run.start()
+    assert [e.type for e in run.drain()] == ["start", "step"]
+    for s in range(2, 8):  # growing: alive, however long it goes on
+        time.sleep(0.25)
+        with open(metrics, "ab") as f:
+            f.write(line(type="system", rss_mb=1.0) if s % 2 else line(type="step", step=s, loss=1.0))
+        assert [e.type for e in run.drain()] in (["system"], ["step"]) and run.alive
+    time.sleep(0.3)
+    assert run.drain() == [] and run.alive  # a short silence: within the bound
+    time.sleep(1.0)
+    error, end = run.drain()
+    assert re.fullmatch(
+        r"the run has written nothing for \d+ s and has no end event: its process has ended without "
+        r"finishing \(killed, or its machine went down\)",
+        error.message,
+    )
+    assert (end.status, end.step) == ("failed", 6) and not run.alive and run.end == end
+    assert run.drain() == []  # said once
 
 
 def drain_until(run, test, timeout: float) -> list:
@@ -175,3 +202,22 @@ def test_launched_on_two_processes_steered_and_interrupted(tmp_path):
     assert (run.run_dir / "checkpoints" / f"step-{paused_at:06d}").is_dir()
     assert (run.run_dir / "checkpoints" / f"step-{events[-1].step:06d}").is_dir()
     assert (run.run_dir / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_launch_sends_the_resumes_settings_as_the_cli_takes_them(tmp_path):
+    """A resume on N processes: the checkpoint's own folder when it continues there; the settings that
+    differ from the checkpoint's go as --set, as tunedeck-train takes them with --resume."""
+    cfg = make_cfg(tmp_path, train__max_steps=4, train__save_steps=1, train__run_name="r")
+    _, trainer = run_trainer(cfg, at={2: [Stop()]})  # stopped at step 2: its newest state is step 2
+    ckpts = trainer.run_dir / "checkpoints"
+    asked = cfg.copy()
+    asked.train.learning_rate = 1e-3
+    newest = LaunchedRun(asked, ckpts / "step-000002", nproc=2)
+    assert newest.run_dir == trainer.run_dir  # continues in its own folder
+    cmd = newest.command()
+    assert cmd[cmd.index("--resume") + 1] == str(ckpts / "step-000002")
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"] == ["train.learning_rate=0.001"]
+    older = LaunchedRun(asked, ckpts / "step-000001", nproc=2)  # an older state: a new folder beside it
+    assert older.run_dir == trainer.run_dir.parent / "r-2"
+    assert "train.run_name=r-2" in older.command()

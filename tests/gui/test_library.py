@@ -149,8 +149,8 @@ def test_the_library_lists_overlays_renames_deletes_and_reveals(make_window, run
     win.set_runs_folder(runs)
     lib = win.library
     t = lib.table
-    assert t.rowCount() == 3
-    cols = [t.horizontalHeaderItem(c).text() for c in range(t.columnCount())]
+    assert t.topLevelItemCount() == 3
+    cols = [t.headerItem().text(c) for c in range(t.columnCount())]
     assert cols == [
         "name",
         "date",
@@ -162,8 +162,8 @@ def test_the_library_lists_overlays_renames_deletes_and_reveals(make_window, run
         "model",
         "dataset",
     ]
-    row = lib.row_of(str(runs / "alpha"))
-    cells = [t.item(row, c).text() for c in range(t.columnCount())]
+    item = lib.item_of(str(runs / "alpha"))
+    cells = [item.text(c) for c in range(t.columnCount())]
     assert cells[0] == "alpha" and cells[2] == "completed" and cells[3] == "20"
     assert cells[5] == "1.5 @ 20" and cells[6] == "0:11" and cells[7] == "builtin:tiny"
     # select several: overlaid in distinct colours, with their names and change markers
@@ -173,21 +173,21 @@ def test_the_library_lists_overlays_renames_deletes_and_reveals(make_window, run
     assert [o.color for o in ov] == OVERLAY_COLORS[:3]
     assert all(len(o.markers) == 1 for o in ov)
     for o in ov:
-        r = lib.row_of(o.hist.run_dir)
-        assert t.item(r, 0).data(Qt.ItemDataRole.UserRole + 1) == o.color and not t.item(r, 0).icon().isNull()
-        assert t.item(r, 0).text() == o.hist.label()
+        item = lib.item_of(o.hist.run_dir)
+        assert item.data(0, library_mod.COLOR) == o.color and not item.icon(0).isNull()
+        assert item.text(0) == o.hist.label()
     title = win.plots.loss_plot.titleLabel.text
     assert all(n in title for n in ("alpha", "beta", "gamma"))
     # rename
     assert lib.rename(str(runs / "alpha"), "alpha-2") == str(runs / "alpha-2")
-    assert lib.row_of(str(runs / "alpha-2")) >= 0 and "renamed run alpha to alpha-2" in win.log.text()
+    assert lib.item_of(str(runs / "alpha-2")) is not None and "renamed run alpha to alpha-2" in win.log.text()
     # delete asks first; "no" keeps it
     monkeypatch.setattr(lib, "ask_delete", lambda paths: False)
     assert lib.delete([str(runs / "beta")]) == 0 and (runs / "beta").is_dir()
     asked = []
     monkeypatch.setattr(lib, "ask_delete", lambda paths: asked.append(paths) or True)
     assert lib.delete([str(runs / "beta")]) == 1 and not (runs / "beta").exists()
-    assert asked == [[str(runs / "beta")]] and t.rowCount() == 2
+    assert asked == [[str(runs / "beta")]] and t.topLevelItemCount() == 2
     # reveal opens the folder in the file manager
     opened = []
     monkeypatch.setattr(
@@ -207,7 +207,7 @@ def test_the_run_going_cannot_be_renamed_or_deleted(make_window, make_config, qt
     qtbot.waitUntil(lambda: len(win.history) > 2, timeout=10_000)
     win.library.refresh()
     live = win.history.run_dir
-    assert win.library.row_of(live) >= 0
+    assert win.library.item_of(live) is not None
     win.library.select([live])
     assert not win.library.rename_button.isEnabled() and not win.library.delete_button.isEnabled()
     monkeypatch.setattr(win.library, "ask_delete", lambda paths: True)
@@ -219,7 +219,75 @@ def test_the_run_going_cannot_be_renamed_or_deleted(make_window, make_config, qt
 def test_opening_the_runs_folder_itself_lists_it(make_window, runs):
     win = make_window()
     assert win.open_run(runs) is None
-    assert win.library.folder == str(runs) and win.library.table.rowCount() == 3
+    assert win.library.folder == str(runs) and win.library.table.topLevelItemCount() == 3
     assert win.runs_folder == str(runs) and not win.banner.isVisible()
     hist = win.open_run(runs / "beta")
     assert hist is not None and len(hist) == 30 and win.summary.summary.name == "beta"
+
+
+@pytest.mark.slow
+def test_branches_and_resumed_runs_read_as_a_tree(make_window, tmp_path, qtbot):
+    """Real run folders: a rollback leaves a branch; runs resumed into new folders sit under the run
+    (and the branch) they came from."""
+    from tests.engine.helpers import make_cfg, run
+    from tunedeck.engine.protocol import Rollback
+
+    cfg = make_cfg(
+        tmp_path,
+        train__max_steps=6,
+        train__save_steps=2,
+        train__run_name="trunk",
+        train__per_device_train_batch_size=2,
+        data__max_length=48,
+    )
+    first, trainer = run(cfg, at={5: [Rollback("step-000002")]}, metrics=True)  # steps 3-5: branch 1
+    trunk = trainer.run_dir
+    branch_loss = [e.loss for e in first if e.type == "step"][4]  # step 5, the branch's last
+    # From the branch's step-4 checkpoint, and from the trunk's older step 2: each a new folder.
+    run(None, resume_from=trunk / "branches" / "1" / "checkpoints" / "step-000004", metrics=True)
+    run(None, resume_from=trunk / "checkpoints" / "step-000002", metrics=True)
+    runs = trunk.parent
+    assert sorted(p.name for p in runs.iterdir()) == ["trunk", "trunk-2", "trunk-3"]
+
+    listed = {s.name: s for s in run_library.list_runs(runs)}
+    (b,) = listed["trunk"].branches
+    assert (b.number, b.from_step, b.to_step, b.checkpoint) == (1, 5, 2, "step-000002")
+    assert b.kept == ("checkpoints/step-000004",) and b.final_loss == branch_loss
+    assert listed["trunk-2"].parent.branch == 1 and listed["trunk-2"].parent.step == 4
+    assert listed["trunk-3"].parent.branch is None and listed["trunk-3"].parent.step == 2
+    tree = run_library.family(list(listed.values()))
+    assert [s.name for _, s in tree[None]] == ["trunk"]
+    assert {s.name: br for br, s in tree[str(trunk)]} == {"trunk-2": 1, "trunk-3": None}
+
+    win = make_window()
+    win.set_runs_folder(runs)
+    lib = win.library
+    t = lib.table
+    assert t.topLevelItemCount() == 1
+    top = t.topLevelItem(0)
+    assert top.text(0) == "trunk" and top.isExpanded()
+    kids = {top.child(k).text(0): top.child(k) for k in range(top.childCount())}
+    assert sorted(kids) == ["branch 1", "trunk-3"]
+    br = kids["branch 1"]
+    assert [br.text(c) for c in (2, 3)] == ["rolled back", "3–5"]
+    assert float(br.text(4)) == pytest.approx(branch_loss, rel=1e-3)
+    assert "left behind by a rollback to step-000002" in br.toolTip(0)
+    assert "kept in branches/1/: checkpoints/step-000004" in br.toolTip(0)
+    assert br.childCount() == 1 and br.child(0).text(0) == "trunk-2" and br.isExpanded()
+    assert "resumed from branch 1 of trunk at step 4" in br.child(0).toolTip(0)
+    assert "resumed from trunk at step 2" in kids["trunk-3"].toolTip(0)
+    # A branch is not a run to overlay; double-clicking it opens its run, the branch drawn faded.
+    assert not br.flags() & Qt.ItemFlag.ItemIsSelectable
+    lib.select([str(runs / "trunk-2"), str(trunk)])
+    assert lib.selected() == [str(trunk), str(runs / "trunk-2")]  # the tree's order
+    lib.table.itemDoubleClicked.emit(br, 0)
+    assert win.history.run_dir == str(trunk) and len(win.history.branches) == 1
+    # Sorting orders each level; children stay under their parent.
+    t.sortByColumn(3, Qt.SortOrder.AscendingOrder)
+    assert t.topLevelItemCount() == 1 and top.childCount() == 2 and br.child(0).text(0) == "trunk-2"
+    # A refresh keeps a run the user folded, folded.
+    top.setExpanded(False)
+    br.setExpanded(False)
+    lib.refresh()
+    top = t.topLevelItem(0)
+    assert not top.isExpanded() and not lib.branch_items(str(trunk))[0].isExpanded()

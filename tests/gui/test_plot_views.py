@@ -142,7 +142,8 @@ def test_a_pan_away_stops_following_and_a_pan_back_resumes(panel, qtbot):
     # pan forwards, a piece at a time: following comes back exactly when the newest step (350) does
     for _ in range(8):
         a, b = x_range(p)
-        drag(p, p.loss_plot, (a + 0.7 * (b - a), 1.5), (a + 0.3 * (b - a), 1.5), Qt.MouseButton.LeftButton)
+        y = sum(p.loss_plot.vb.viewRange()[1]) / 2  # on the plot, wherever its y range now lies
+        drag(p, p.loss_plot, (a + 0.7 * (b - a), y), (a + 0.3 * (b - a), y), Qt.MouseButton.LeftButton)
         a, b = x_range(p)
         assert p.following == (a <= 350 <= b), (a, b)
         if p.following:

@@ -81,6 +81,7 @@ def test_live_keys_stay_editable_and_the_rest_locks_with_a_reason(qtbot):
         if not live:
             assert "Locked while a run goes" in ed.widget.toolTip()
     assert not p.model.combo.isEnabled() and not p.data.path_edit.isEnabled()
+    assert not p.form.processes.isEnabled() and "Locked while a run goes" in p.form.processes.toolTip()
     assert p.form.apply_bar.isVisible() and not p.form.apply_button.isEnabled()
     sent = []
     p.form.apply_requested.connect(sent.append)
@@ -98,7 +99,13 @@ def test_live_keys_stay_editable_and_the_rest_locks_with_a_reason(qtbot):
     p.form.note_changes({"max_grad_norm": [cfg.train.max_grad_norm, 0.5]})
     assert p.form.editor("train.max_grad_norm").value() == 0.5
     p.set_running(False)
-    assert all(ed.widget.isEnabled() for ed in p.form.editors.values())
+    # train.distributed is dimmed while one process runs the whole model (it ignores it)
+    assert p.form.processes.isEnabled() and p.processes() == 1
+    assert all(ed.widget.isEnabled() for d, ed in p.form.editors.items() if d != "train.distributed")
+    distributed = p.form.editor("train.distributed").widget
+    assert not distributed.isEnabled() and "Used with processes above 1 only" in distributed.toolTip()
+    p.form.processes.setValue(2)
+    assert distributed.isEnabled()
 
 
 def test_a_live_batch_size_keeps_the_effective_batch_unless_asked_not_to(qtbot):
