@@ -343,9 +343,6 @@ class MainWindow(QMainWindow):
         if available is None:
             screen = self.screen() or QGuiApplication.primaryScreen()
             available = screen.availableGeometry() if screen is not None else QRect(0, 0, 1500, 920)
-        w = min(MAX_SIZE[0], available.width() - 16)
-        h = min(MAX_SIZE[1], available.height() - 16)
-        self.resize(max(w, 400), max(h, 300))
         small = available.width() < SMALL_SCREEN[0] or available.height() < SMALL_SCREEN[1]
         self.small_screen = small
         if small:
@@ -358,6 +355,7 @@ class MainWindow(QMainWindow):
                 self.library_dock,
                 self.summary_dock,
                 self.autopilot_dock,
+                self.lr_finder_dock,
             ]
             for d in docks:
                 self.addDockWidget(right, d)
@@ -367,6 +365,15 @@ class MainWindow(QMainWindow):
             self.plots.set_compact(True)
             for name, act in self.plot_actions.items():
                 act.setChecked(name not in self.plots.hidden)
+        # Each dock added to an area first takes a row of its own, and the minimum size Qt derived from
+        # those rows holds until the layout is activated again: stale, it keeps the window taller than
+        # the screen.
+        layout = self.layout()
+        if layout is not None:
+            layout.activate()
+        w = min(MAX_SIZE[0], available.width() - 16)
+        h = min(MAX_SIZE[1], available.height() - 16)
+        self.resize(max(w, 400), max(h, 300))
         self._size_docks()
         self.move(
             available.x() + (available.width() - self.width()) // 2,

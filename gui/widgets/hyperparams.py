@@ -337,8 +337,8 @@ class HyperparamForm(QWidget):
         )
         # the hint on a line of its own: beside the buttons a narrow panel wraps it word by word
         ab.addWidget(self.apply_hint)
+        ab.addWidget(self.keep_effective)
         buttons = QHBoxLayout()
-        buttons.addWidget(self.keep_effective)
         buttons.addStretch(1)
         buttons.addWidget(self.revert_button)
         buttons.addWidget(self.apply_button)

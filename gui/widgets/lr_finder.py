@@ -70,7 +70,10 @@ class LrFinderPanel(QWidget):
             w.setMaximumWidth(70)
             row.addWidget(QLabel(text))
             row.addWidget(w)
-        row.addSpacing(12)
+        row.addStretch(1)
+        lay.addLayout(row)
+        # The buttons on a line of their own: the panel fits a narrow side column on a small screen.
+        row = QHBoxLayout()
         self.use_steepest = QPushButton("Use")
         self.use_steepest.setToolTip("Set the learning rate to the suggestion (steepest descent of the loss)")
         self.use_min = QPushButton("Use")
