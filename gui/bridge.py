@@ -32,6 +32,7 @@ from tunedeck.engine.protocol import (
     StateEvent,
     StepEvent,
 )
+from tunedeck.gui.collector import collect_in_gui_thread
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class SessionBridge(QObject):
         interval_ms: int = 50,
     ) -> None:
         super().__init__(parent)
+        collect_in_gui_thread()  # an engine thread will share this process (see gui/collector.py)
         self.factory = factory or default_factory
         self.session: Any = None
         self.state = "idle"
