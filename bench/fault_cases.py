@@ -118,9 +118,19 @@ def fill(where: Path) -> None:
 def checkpoint_on_full_disk(c: Case) -> tuple[dict, str]:
     with tmpfs(c.work / "disk", "6m") as disk:
         r = c.run(
-            "--output-dir", str(disk), "--set", "train.run_name=r", "--set", "train.max_steps=8",
-            "--set", "train.save_steps=2", "--set", "data.max_length=64", "--set", "train.eval_steps=0",
-        )  # fmt: skip
+            "--output-dir",
+            str(disk),
+            "--set",
+            "train.run_name=r",
+            "--set",
+            "train.max_steps=8",
+            "--set",
+            "train.save_steps=2",
+            "--set",
+            "data.max_length=64",
+            "--set",
+            "train.eval_steps=0",
+        )
         kept = sorted(p.name for p in (disk / "r" / "checkpoints").glob("step-*"))
         note = f"{steps_in(disk / 'r')} steps logged; checkpoints on disk: {kept or 'none'}"
         return r, f"{said(r, 'no space', 'internal error', 'error')} | {note}"
@@ -169,11 +179,25 @@ def second_ctrl_c_while_loading(c: Case) -> tuple[dict, str]:
 
 
 def nonfinite_headless(c: Case) -> tuple[dict, str]:
+    # An adapter scaled by 1e8 / r, unclipped: the gradients overflow at step 3.
     out = c.work / "runs"
     r = c.run(
-        "--output-dir", str(out), "--set", "train.run_name=r", "--set", "train.max_steps=40",
-        "--set", "train.learning_rate=1e30", "--set", "train.warmup_steps=0", *FAST,
-    )  # fmt: skip
+        "--output-dir",
+        str(out),
+        "--set",
+        "train.run_name=r",
+        "--set",
+        "train.max_steps=40",
+        "--set",
+        "train.learning_rate=0.5",
+        "--set",
+        "lora.alpha=100000000",
+        "--set",
+        "train.max_grad_norm=0",
+        "--set",
+        "train.warmup_steps=0",
+        *FAST,
+    )
     return r, said(r, "not finite", "non-finite", "nan")
 
 
@@ -182,9 +206,16 @@ def _base_run(c: Case) -> Path:
     out = c.work / "base"
     if not (out / "r" / "final").is_dir():
         c.run(
-            "--output-dir", str(out), "--set", "train.run_name=r", "--set", "train.max_steps=6",
-            "--set", "train.save_steps=2", *FAST,
-        )  # fmt: skip
+            "--output-dir",
+            str(out),
+            "--set",
+            "train.run_name=r",
+            "--set",
+            "train.max_steps=6",
+            "--set",
+            "train.save_steps=2",
+            *FAST,
+        )
     return out / "r"
 
 
@@ -284,8 +315,17 @@ def control_hostile_lines(c: Case) -> tuple[dict, str]:
             time.sleep(0.5)
             f.write(b'{"cmd": "resume"}\n{"cmd": "stop"}\n')
 
-    args = ["--output-dir", str(out), "--set", "train.run_name=r", "--set", "train.max_steps=2000",
-            "--control", str(ctl), *FAST]  # fmt: skip
+    args = [
+        "--output-dir",
+        str(out),
+        "--set",
+        "train.run_name=r",
+        "--set",
+        "train.max_steps=2000",
+        "--control",
+        str(ctl),
+        *FAST,
+    ]
     r = c.run_until(args, lambda: steps_in(out / "r") >= 1, hostile)
     errs = [e["message"][:60] for e in events(out / "r") if e.get("type") == "error"]
     ends = [e["status"] for e in events(out / "r") if e.get("type") == "end"]
@@ -313,8 +353,17 @@ def sample_prompt_too_long(c: Case) -> tuple[dict, str]:
             time.sleep(1.0)
             f.write('{"cmd": "stop"}\n')
 
-    args = ["--output-dir", str(out), "--set", "train.run_name=r", "--set", "train.max_steps=2000",
-            "--control", str(ctl), *FAST]  # fmt: skip
+    args = [
+        "--output-dir",
+        str(out),
+        "--set",
+        "train.run_name=r",
+        "--set",
+        "train.max_steps=2000",
+        "--control",
+        str(ctl),
+        *FAST,
+    ]
     r = c.run_until(args, lambda: steps_in(out / "r") >= 1, send)
     errs = [e["message"][:110] for e in events(out / "r") if e.get("type") == "error"]
     return r, f"{errs[0] if errs else 'no error event'} | run ended {r['s']:.0f} s after start"
@@ -324,8 +373,17 @@ def _data(rows: list[dict], name: str = "d.jsonl") -> Callable[[Case], tuple[dic
     def case(c: Case) -> tuple[dict, str]:
         f = c.work / name
         f.write_text("".join(json.dumps(x) + "\n" for x in rows))
-        r = c.run("--output-dir", str(c.work / "runs"), "--set", f"data.path={f}", "--set", "train.max_steps=2",
-                  "--set", "data.eval_fraction=0", *FAST)  # fmt: skip
+        r = c.run(
+            "--output-dir",
+            str(c.work / "runs"),
+            "--set",
+            f"data.path={f}",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "data.eval_fraction=0",
+            *FAST,
+        )
         return r, said(r, "error", "warning", "completed")
 
     return case
@@ -354,14 +412,14 @@ CASES: dict[str, Callable[[Case], tuple[dict, str]]] = {
     "SIGTERM mid-run": sigterm,
     "SIGHUP mid-run": sighup,
     "two Ctrl-C while loading": second_ctrl_c_while_loading,
-    "non-finite loss, headless (lr 1e30)": nonfinite_headless,
+    "non-finite loss, headless (lora.alpha 1e8, no clipping)": nonfinite_headless,
     "resume --set train.learning_rate=1e-3": _resume_case("train.learning_rate=1e-3"),
     "resume --set lr_scheduler_type, warmup, accumulation, max_steps": _resume_case(
         "train.lr_scheduler_type=constant",
         "train.warmup_steps=1",
         "train.gradient_accumulation_steps=2",
         "train.max_steps=8",
-    ),  # fmt: skip
+    ),
     "resume --set train.per_device_train_batch_size=2": _resume_case("train.per_device_train_batch_size=2"),
     "resume --set data.max_length=32": _resume_case("data.max_length=32"),
     "resume --set train.seed=7": _resume_case("train.seed=7"),
@@ -377,14 +435,14 @@ CASES: dict[str, Callable[[Case], tuple[dict, str]]] = {
     "seed=1e30": _refused("--set", "train.seed=1e30"),
     "lr_scheduler_kwargs of a wrong type": _refused(
         "--set",
-        "train.lr_scheduler_type=cosine_with_min_lr",
+        "train.lr_scheduler_type=cosine",
         "--set",
-        "train.lr_scheduler_kwargs={min_lr: abc}",
+        "train.lr_scheduler_kwargs={num_cycles: abc}",
         "--set",
         "train.max_steps=6",
         "--set",
         "train.warmup_steps=2",
-    ),  # fmt: skip
+    ),
     "lr_scheduler_kwargs with an unknown key": _refused(
         "--set", "train.lr_scheduler_type=cosine", "--set", "train.lr_scheduler_kwargs={num_cycle: 2}"
     ),

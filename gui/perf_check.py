@@ -166,17 +166,26 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
     cfg_file = os.path.join(tmp, "config.yaml")
     cfgmod.save(cfg, cfg_file)
     out: dict[str, float] = {"steps": steps}
-    headless, windowed = [], []
+    headless, headless_spare, windowed = [], [], []
     latencies: list[float] = []
-    for r in range(repeats):
-        # headless: the CLI, as a user runs it
-        hd = os.path.join(tmp, f"cli-{r}")
+    # The window's session trains on all cores but one (its event loop keeps one); headless trains on
+    # all. The second headless run takes the window's thread count, so the two ratios separate what
+    # the window costs from what the core it keeps costs.
+    spare = str(max(1, (os.cpu_count() or 1) - 1))
+
+    def cli(folder: str, env: dict[str, str]) -> float:
         subprocess.run(
-            [sys.executable, "-m", "tunedeck.engine.cli", cfg_file, "--quiet", "--output-dir", hd],
+            [sys.executable, "-m", "tunedeck.engine.cli", cfg_file, "--quiet", "--output-dir", folder],
             check=True,
             stdout=subprocess.DEVNULL,
+            env={**os.environ, **env},
         )
-        headless.append(_rate(_metrics(glob.glob(os.path.join(hd, "*"))[0])))
+        return _rate(_metrics(glob.glob(os.path.join(folder, "*"))[0]))
+
+    for r in range(repeats):
+        # headless: the CLI, as a user runs it; then on the window's thread count
+        headless.append(cli(os.path.join(tmp, f"cli-{r}"), {}))
+        headless_spare.append(cli(os.path.join(tmp, f"cli-spare-{r}"), {"OMP_NUM_THREADS": spare}))
         # the window, plotting live (started with its Start button)
         settings = QSettings(os.path.join(tmp, "settings.ini"), QSettings.Format.IniFormat)
         win = MainWindow(settings=settings, restore=False)
@@ -199,10 +208,12 @@ def bench_steps(steps: int, overrides: list[str], repeats: int = 1) -> dict[str,
         latencies += _latencies(seen, paints)
         win.close()
     out["headless runs"] = " ".join(f"{v:.2f}" for v in headless)
+    out[f"headless runs on {spare} thread(s)"] = " ".join(f"{v:.2f}" for v in headless_spare)
     out["window runs"] = " ".join(f"{v:.2f}" for v in windowed)
     out["headless steps/s (tunedeck-train)"] = statistics.median(headless)
     out["window steps/s"] = statistics.median(windowed)
     out["window / headless"] = out["window steps/s"] / out["headless steps/s (tunedeck-train)"]
+    out[f"window / headless on {spare} thread(s)"] = out["window steps/s"] / statistics.median(headless_spare)
     out["runs each (median shown)"] = repeats
     if latencies:
         lat = sorted(latencies)
