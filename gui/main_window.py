@@ -74,7 +74,7 @@ from tunedeck.gui.widgets.now import NowStrip
 from tunedeck.gui.widgets.plots import PlotPanel
 from tunedeck.gui.widgets.samples import SamplePanel
 from tunedeck.gui.widgets.setup import SetupPanel
-from tunedeck.gui.widgets.summary import SummaryPanel
+from tunedeck.gui.widgets.summary import NO_RUN, SummaryPanel
 
 APP_NAME = "Tunedeck"
 MAX_RECENT = 8
@@ -134,6 +134,7 @@ class MainWindow(QMainWindow):
         # thread: the engine in this process; launched: tunedeck-train --nproc-per-node N started here
         # and followed; follow: a run folder whose processes live elsewhere (File > Follow run).
         self.run_kind = "thread"
+        self.finding_only = False  # the session only measures a learning rate: no run to summarise
         self.launch_factory: SessionFactory = LaunchedRun
         self.follow_silent_after_s = SILENT_AFTER_S
         self.close_when_ended = False
@@ -579,6 +580,7 @@ class MainWindow(QMainWindow):
             + (f", resuming from {resume_from}" if resume_from else "")
             + f"; runs go to {cfg.train.output_dir}",
         )
+        self.finding_only = find_lr_only is not None
         if find_lr_only is not None:
             self.setup.setEnabled(False)  # nothing trains, so nothing can be applied
         self.setWindowTitle(f"{APP_NAME} — loading…")
@@ -828,6 +830,7 @@ class MainWindow(QMainWindow):
             )
 
     def _on_ended(self, end: EndEvent) -> None:
+        finding = self.finding_only
         self._flush_status()
         self.controls.set_state("idle")
         self.setup.setEnabled(True)
@@ -845,7 +848,15 @@ class MainWindow(QMainWindow):
         self.setWindowTitle(f"{APP_NAME} — {title} ({end.status})")
         self.plots.refresh(force=True)
         start = getattr(self, "_form_start", None)
-        if start is not None:
+        if self.finding_only:
+            # A range test trained nothing: its result is the LR finder's curve, not a run's summary.
+            self.finding_only = False
+            self.summary.clear(NO_RUN)
+            self.status.step_label.setText(
+                "learning-rate range test done" if end.status == "completed" else f"range test {end.status}"
+            )
+            self.lr_finder_dock.raise_()
+        elif start is not None:
             kept = {}
             for ch in self.history.changes:
                 for k, (old, new) in ch.changes.items():
@@ -853,10 +864,11 @@ class MainWindow(QMainWindow):
                         kept[k] = [kept.get(k, [old])[0], new]
             kept = {k: v for k, v in kept.items() if v[0] != v[1]}
             self.setup.note_run_ended(title, start, kept)
-        if self.history.run_dir:
-            self._show_summary(self.history)
-            self.summary_dock.raise_()
-        self._keep_model(title, end.status)
+            if self.history.run_dir:
+                self._show_summary(self.history)
+                self.summary_dock.raise_()
+        if not finding:  # a range test leaves the model as it found it: nothing trained to chat with
+            self._keep_model(title, end.status)
         self.library.refresh()
         if self.close_when_ended:
             self.close()

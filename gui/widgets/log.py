@@ -147,7 +147,9 @@ class LogPanel(QWidget):
                 level = {"completed": "success", "stopped": "success", "cancelled": "warning"}.get(
                     status, "error"
                 )
-                out = f", adapter in {output}" if output else ""
+                # a run's output is its final/ adapter; a range test's, its lr_find.json
+                out = f", adapter in {output}" if output and output.endswith("final") else ""
+                out = out or (f", wrote {output}" if output else "")
                 self.add(level, f"run {status} at step {step}{out}", when=t)
             case _:
                 pass  # steps and system readings are the plots' business

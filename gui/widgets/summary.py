@@ -25,6 +25,9 @@ from tunedeck.gui.run_library import RunSummary, peft_snippet
 STATUS_COLORS = {"completed": "#4fd1a5", "stopped": "#4fd1a5", "cancelled": "#f5c16c", "failed": "#ff7a85"}
 
 
+NO_RUN = "No run yet: the summary of a run shows here when it ends."
+
+
 class SummaryPanel(QWidget):
     """Final and best eval loss, duration, tokens, throughput, peak memory, the adapter folder."""
 
@@ -32,7 +35,7 @@ class SummaryPanel(QWidget):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self.title = QLabel("No run yet: the summary of a run shows here when it ends.")
+        self.title = QLabel(NO_RUN)
         self.title.setWordWrap(True)
         self.values: dict[str, QLabel] = {}
         # two pairs a row: the summary stays short enough for a small screen's bottom area
@@ -122,9 +125,9 @@ class SummaryPanel(QWidget):
         self.snippet.setPlainText(peft_snippet(s, config) if s.output else "")
         self._set_enabled(True)
 
-    def clear(self) -> None:
+    def clear(self, text: str = "The run is going: its summary shows here when it ends.") -> None:
         self.summary = None
-        self.title.setText("The run is going: its summary shows here when it ends.")
+        self.title.setText(text)
         for lab in self.values.values():
             lab.setText("–")
         self.snippet.setPlainText("")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tunedeck.engine.protocol import LrFindEvent
 from tunedeck.gui.widgets.lr_finder import LrFinderPanel
+from tunedeck.gui.widgets.summary import NO_RUN
 
 
 def test_the_panel_plots_the_curve_and_offers_both_suggestions(qtbot):
@@ -60,6 +61,10 @@ def test_find_before_a_run_and_while_paused(make_window, make_config, qtbot):
     saved = json.loads(Path(ev.path).read_text())
     assert saved["lrs"] == ev.lrs and not (Path(ev.path).parent / "final").exists()
     assert "learning-rate range test over 6 steps" in win.log.text()
+    # its result is the curve, not a run: no summary of a run that trained nothing
+    assert win.summary.summary is None and win.summary.title.text() == NO_RUN
+    assert win.status.step_label.text() == "learning-rate range test done"
+    assert not win.lr_finder_dock.visibleRegion().isEmpty()
     assert ev.suggestion is not None and win.lr_finder.use_steepest.isEnabled()
     win.lr_finder.use_steepest.click()
     chosen = float(f"{ev.suggestion:.3g}")
