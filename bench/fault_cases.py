@@ -420,6 +420,9 @@ CASES: dict[str, Callable[[Case], tuple[dict, str]]] = {
         "train.gradient_accumulation_steps=2",
         "train.max_steps=8",
     ),
+    "resume --set lr_scheduler_type=constant, gradient_accumulation_steps=2": _resume_case(
+        "train.lr_scheduler_type=constant", "train.gradient_accumulation_steps=2"
+    ),
     "resume --set train.per_device_train_batch_size=2": _resume_case("train.per_device_train_batch_size=2"),
     "resume --set data.max_length=32": _resume_case("data.max_length=32"),
     "resume --set train.seed=7": _resume_case("train.seed=7"),
