@@ -157,7 +157,7 @@ class Healer:
                 "per_device_train_batch_size": [plan.batch_size, size],
                 "gradient_accumulation_steps": [plan.accumulation, accumulation],
             }
-            changes.update(trainer._replan(size, accumulation))
+            changes.update(trainer.live.replan(size, accumulation))
             t.per_device_train_batch_size, t.gradient_accumulation_steps = size, accumulation
             reason = (
                 f"{at}: the micro-batch halved and the accumulation doubled, the same effective batch "

@@ -34,6 +34,7 @@ from tunedeck.engine import (
     distributed,
     durable,
     liger,
+    live,
     lr_find,
     oom,
     optim,
@@ -46,7 +47,7 @@ from tunedeck.engine import config as config_mod
 from tunedeck.engine import model as model_mod
 from tunedeck.engine import resume as resume_mod
 from tunedeck.engine import rollback as rollback_mod
-from tunedeck.engine.config import LIVE_KEYS, Config, validate_value
+from tunedeck.engine.config import Config
 from tunedeck.engine.distributed import Dist
 from tunedeck.engine.errors import ConfigError, TunedeckError
 from tunedeck.engine.monitor import step_memory
@@ -149,6 +150,7 @@ class Trainer:
         self._order_epoch = -1
         self._order_cache: list[int] = []
         self.healer = oom.Healer(self)
+        self.live = live.LiveSettings(self)
         self.autopilot = autopilot.Autopilot(cfg.train.autopilot)
         self.parent: str | None = None  # the run this one was resumed from, in a new folder
 
@@ -348,7 +350,7 @@ class Trainer:
         """Values given anew on resume, applied at the resume step as one change with source resume."""
         if not resume.apply and not resume.setup:
             return
-        changes, auto = self._set_checked(self._check_set(resume.apply))
+        changes, auto = self.live.apply(self.live.check(resume.apply))
         self._record({**changes, **resume.setup}, "resume")
         if auto:
             self._record(auto, "auto")
@@ -704,95 +706,11 @@ class Trainer:
         self, values: dict[str, Any], source: str = "user", rule: str = "", reason: str = ""
     ) -> None:
         """Validate all values first, then apply all: a refused set changes nothing."""
-        changes, auto = self._set_checked(self._check_set(values))
+        changes, auto = self.live.apply(self.live.check(values))
         if changes:
             self._record(changes, source, rule, reason)
         if auto:
             self._record(auto, "auto")
-
-    def _check_set(
-        self, values: dict[str, Any], against: config_mod.TrainConfig | None = None
-    ) -> dict[str, Any]:
-        """The values validated (``against``: the live values they will meet, when not the current ones)."""
-        t = against or self.cfg.train
-        checked: dict[str, Any] = {}
-        for key, raw in values.items():
-            if key == autopilot.KEY:
-                checked[key] = autopilot.updated(t.autopilot, raw)
-                continue
-            if key not in LIVE_KEYS:
-                raise ConfigError(
-                    f"{key} cannot be changed while a run goes", f"live-changeable: {', '.join(LIVE_KEYS)}"
-                )
-            checked[key] = validate_value("train", key, raw)
-        if "optim" in checked:
-            optim.check_available(checked["optim"])
-        return checked
-
-    def _set_checked(self, checked: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
-        """Apply checked live values; returns the changes and the automatic changes they caused."""
-        assert self.plan is not None
-        t = self.cfg.train
-        changes = {k: [getattr(t, k), v] for k, v in checked.items() if getattr(t, k) != v}
-        auto: dict[str, list[Any]] = {}
-        if not changes:
-            return changes, auto
-        if "learning_rate" in changes:
-            self.schedule.set_base_lr(checked["learning_rate"])
-        if "lr_scheduler_type" in changes:
-            self.schedule.switch(checked["lr_scheduler_type"], t.lr_scheduler_kwargs)
-        if "gradient_accumulation_steps" in changes or "per_device_train_batch_size" in changes:
-            auto = self._replan(
-                checked.get("per_device_train_batch_size", self.plan.batch_size),
-                checked.get("gradient_accumulation_steps", self.plan.accumulation),
-            )
-        if "optim" in changes:
-            self._swap_optimizer(
-                t.optim,
-                checked["optim"],
-                checked.get("weight_decay", t.weight_decay),
-                checked.get("learning_rate", t.learning_rate),
-            )
-        if "weight_decay" in changes:
-            optim.set_weight_decay(self.optimizer, checked["weight_decay"])
-        for k, v in checked.items():
-            setattr(t, k, v)
-        if autopilot.KEY in changes:
-            self.autopilot.configure(t.autopilot)
-        return changes, auto
-
-    def _replan(self, batch_size: int, accumulation: int) -> dict[str, list[Any]]:
-        """New micro-batch size and accumulation from the next step; the steps left are recounted and
-        the schedule re-anchored where their count changed. Returns the change of ``total_steps``."""
-        assert self.plan is not None
-        plan, before = self.plan, self.plan.total_steps
-        if batch_size * accumulation == plan.batch_size * plan.accumulation:
-            plan.rebatch(batch_size, accumulation)  # the same effective batch: the same steps
-        else:
-            plan.set_batch_size(batch_size)
-            plan.set_accumulation(accumulation)
-        if plan.total_steps == before:
-            return {}
-        self.schedule.respread(plan.total_steps - plan.step)
-        return {"total_steps": [before, plan.total_steps]}
-
-    def _swap_optimizer(self, old: str, new: str, weight_decay: float, lr: float) -> None:
-        actual = optim.actual_name
-        self.optimizer, carried = optim.swap(
-            self.optimizer, actual(old, self.device), actual(new, self.device), self.cfg.train, weight_decay
-        )
-        notes, advice = [], ""
-        if not carried and self.step:
-            notes.append("optimizer state starts fresh (moments carry over only between fp32 Adam variants)")
-        off = optim.lr_out_of_range(new, lr)
-        if off is not None:
-            notes.append(off)
-            lo, hi = optim.USUAL_LR[new]
-            advice = f"set learning_rate between {lo:g} and {hi:g}; find_lr measures it for this model"
-        if notes:
-            self.emit(
-                WarningEvent(message=f"{old} -> {new}: " + "; ".join(notes), kind="config", advice=advice)
-            )
 
     def _record(self, changes: dict[str, list[Any]], source: str, rule: str = "", reason: str = "") -> None:
         entry: dict[str, Any] = {"step": self.step, "changes": changes, "source": source}
@@ -819,7 +737,7 @@ class Trainer:
         folder = rollback_mod.resolve(self.run_dir, name, self.step)
         resumed = checkpoint.open_resume(folder)
         # Checked as a resume checks them, against the checkpoint's values, before anything is restored.
-        checked = self._check_set(resume_mod.rollback_values(resumed.cfg, values), resumed.cfg.train)
+        checked = self.live.check(resume_mod.rollback_values(resumed.cfg, values), resumed.cfg.train)
         from_step = self.step
         self._restore(resumed, rewind=True)
         branch = (
@@ -831,7 +749,7 @@ class Trainer:
         self.emit(
             RollbackEvent(from_step=from_step, to_step=self.step, checkpoint=folder.name, branch=branch)
         )
-        changes, auto = self._set_checked(checked)
+        changes, auto = self.live.apply(checked)
         return {"step": [from_step, self.step], **changes}, auto
 
     def _autopilot_boundary(self) -> str | None:
@@ -867,7 +785,7 @@ class Trainer:
                     changes.update(done)
                     auto.update(caused)
                 case Set(values=values):
-                    done, caused = self._set_checked(self._check_set(values))
+                    done, caused = self.live.apply(self.live.check(values))
                     changes.update(done)
                     auto.update(caused)
                 case Save():
