@@ -300,6 +300,12 @@ def _output_dir_ro(c: Case) -> list[str]:
     return ["--output-dir", str(ro)]
 
 
+def _controlled(out: Path, ctl: Path) -> list[str]:
+    """A long run named r in ``out``, steered through the control file ``ctl``."""
+    return ["--output-dir", str(out), "--set", "train.run_name=r", "--set", "train.max_steps=2000",
+            "--control", str(ctl), *FAST]  # fmt: skip
+
+
 def control_hostile_lines(c: Case) -> tuple[dict, str]:
     out, ctl = c.work / "runs", c.work / "ctl.jsonl"
     ctl.write_bytes(b"")
@@ -315,17 +321,7 @@ def control_hostile_lines(c: Case) -> tuple[dict, str]:
             time.sleep(0.5)
             f.write(b'{"cmd": "resume"}\n{"cmd": "stop"}\n')
 
-    args = [
-        "--output-dir",
-        str(out),
-        "--set",
-        "train.run_name=r",
-        "--set",
-        "train.max_steps=2000",
-        "--control",
-        str(ctl),
-        *FAST,
-    ]
+    args = _controlled(out, ctl)
     r = c.run_until(args, lambda: steps_in(out / "r") >= 1, hostile)
     errs = [e["message"][:60] for e in events(out / "r") if e.get("type") == "error"]
     ends = [e["status"] for e in events(out / "r") if e.get("type") == "end"]
@@ -353,17 +349,7 @@ def sample_prompt_too_long(c: Case) -> tuple[dict, str]:
             time.sleep(1.0)
             f.write('{"cmd": "stop"}\n')
 
-    args = [
-        "--output-dir",
-        str(out),
-        "--set",
-        "train.run_name=r",
-        "--set",
-        "train.max_steps=2000",
-        "--control",
-        str(ctl),
-        *FAST,
-    ]
+    args = _controlled(out, ctl)
     r = c.run_until(args, lambda: steps_in(out / "r") >= 1, send)
     errs = [e["message"][:110] for e in events(out / "r") if e.get("type") == "error"]
     return r, f"{errs[0] if errs else 'no error event'} | run ended {r['s']:.0f} s after start"

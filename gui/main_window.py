@@ -1041,23 +1041,38 @@ class MainWindow(QMainWindow):
 
     def ask_close(self) -> str:
         """'stop' (stop and save), 'cancel' (end without the final save) or 'stay'."""
-        box = QMessageBox(self)
-        box.setIcon(QMessageBox.Icon.Question)
-        box.setWindowTitle("A run is going")
-        box.setText("A run is still going. What should happen to it?")
-        box.setInformativeText(
+        return self._choose(
+            "A run is going",
+            "A run is still going. What should happen to it?",
             "Stop and save finishes the current step and saves the adapter; Cancel ends "
             "without the final save (checkpoints and metrics already written stay). "
-            "The window closes once the run has ended."
-        )
-        stop = box.addButton("Stop and save", QMessageBox.ButtonRole.AcceptRole)
-        cancel = box.addButton("Cancel run", QMessageBox.ButtonRole.DestructiveRole)
+            "The window closes once the run has ended.",
+            [("stop", "Stop and save", QMessageBox.ButtonRole.AcceptRole),
+             ("cancel", "Cancel run", QMessageBox.ButtonRole.DestructiveRole)],
+            default="stop",
+        )  # fmt: skip
+
+    def _choose(
+        self,
+        title: str,
+        text: str,
+        info: str,
+        choices: list[tuple[str, str, QMessageBox.ButtonRole]],
+        default: str,
+    ) -> str:
+        """A question with ``choices`` (key, label, role) and Stay (Escape); the key chosen, or 'stay'."""
+        box = QMessageBox(self)
+        box.setIcon(QMessageBox.Icon.Question)
+        box.setWindowTitle(title)
+        box.setText(text)
+        box.setInformativeText(info)
+        buttons = {key: box.addButton(label, role) for key, label, role in choices}
         stay = box.addButton("Stay", QMessageBox.ButtonRole.RejectRole)
-        box.setDefaultButton(stop)
+        box.setDefaultButton(buttons[default])
         box.setEscapeButton(stay)
         box.exec()
         clicked = box.clickedButton()
-        return "stop" if clicked is stop else "cancel" if clicked is cancel else "stay"
+        return next((key for key, b in buttons.items() if b is clicked), "stay")
 
     def changeEvent(self, event: QEvent) -> None:  # noqa: N802 (Qt name)
         # Coming back to the window (say, after creating the missing dataset file in a terminal):
@@ -1069,23 +1084,16 @@ class MainWindow(QMainWindow):
     def ask_close_followed(self) -> str:
         """'stop' (send the followed run stop: it saves and ends), 'leave' (it goes on without the
         window) or 'stay'."""
-        box = QMessageBox(self)
-        box.setIcon(QMessageBox.Icon.Question)
-        box.setWindowTitle("Following a run")
-        box.setText("This window is following a run that goes on in its own processes. Stop it?")
-        box.setInformativeText(
+        return self._choose(
+            "Following a run",
+            "This window is following a run that goes on in its own processes. Stop it?",
             "Stop the run finishes its current step and saves the adapter (the window closes once it "
             "has ended); Leave it going closes the window and the run goes on (follow it again with "
-            "File › Follow run)."
-        )
-        stop = box.addButton("Stop the run", QMessageBox.ButtonRole.AcceptRole)
-        leave = box.addButton("Leave it going", QMessageBox.ButtonRole.DestructiveRole)
-        stay = box.addButton("Stay", QMessageBox.ButtonRole.RejectRole)
-        box.setDefaultButton(leave)
-        box.setEscapeButton(stay)
-        box.exec()
-        clicked = box.clickedButton()
-        return "stop" if clicked is stop else "leave" if clicked is leave else "stay"
+            "File › Follow run).",
+            [("stop", "Stop the run", QMessageBox.ButtonRole.AcceptRole),
+             ("leave", "Leave it going", QMessageBox.ButtonRole.DestructiveRole)],
+            default="leave",
+        )  # fmt: skip
 
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 (Qt name)
         if self.bridge.active and self.run_kind == "follow":

@@ -62,3 +62,34 @@ def test_a_failure_mid_run_shows_oom_advice(make_window, make_config, qtbot):
     assert win.banner.isVisible() and "out of memory" in win.banner.message
     assert "lower the batch size" in win.log.text()
     assert win.controls.start_action.isEnabled() and win.status.state == "failed"
+
+
+@pytest.mark.parametrize(
+    "ask, press, expected",
+    [
+        ("ask_close", "Cancel run", "cancel"),
+        ("ask_close", "Stop and save", "stop"),
+        ("ask_close", None, "stay"),  # Escape
+        ("ask_close_followed", "Leave it going", "leave"),
+        ("ask_close_followed", None, "stay"),
+    ],
+)
+def test_the_closing_questions_answer_what_was_clicked(make_window, qtbot, ask, press, expected):
+    from PySide6.QtCore import Qt, QTimer
+    from PySide6.QtWidgets import QApplication, QMessageBox
+
+    win = make_window()
+    seen: list[list[str]] = []
+
+    def answer() -> None:
+        box = QApplication.activeModalWidget()
+        assert isinstance(box, QMessageBox)
+        seen.append([b.text() for b in box.buttons()])
+        if press is None:
+            qtbot.keyClick(box, Qt.Key.Key_Escape)
+        else:
+            next(b for b in box.buttons() if b.text() == press).click()
+
+    QTimer.singleShot(100, answer)
+    assert getattr(win, ask)() == expected
+    assert seen and "Stay" in seen[0]
