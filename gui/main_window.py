@@ -10,6 +10,7 @@ recent folders are remembered with QSettings.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import html
 from pathlib import Path
 
@@ -737,16 +738,7 @@ class MainWindow(QMainWindow):
         self.send(Set(values=dict(changes)))
 
     def _sample(self, prompt: str, options: SamplingOptions) -> None:
-        self.send(
-            Sample(
-                prompt=prompt,
-                max_new_tokens=options.max_new_tokens,
-                temperature=options.temperature,
-                top_p=options.top_p,
-                top_k=options.top_k,
-                seed=options.seed,
-            )
-        )
+        self.send(Sample(prompt=prompt, **dataclasses.asdict(options)))
 
     # ------------------------------------------------------------------ events
 
@@ -830,7 +822,7 @@ class MainWindow(QMainWindow):
             )
 
     def _on_ended(self, end: EndEvent) -> None:
-        finding = self.finding_only
+        finding, self.finding_only = self.finding_only, False
         self._flush_status()
         self.controls.set_state("idle")
         self.setup.setEnabled(True)
@@ -848,26 +840,26 @@ class MainWindow(QMainWindow):
         self.setWindowTitle(f"{APP_NAME} — {title} ({end.status})")
         self.plots.refresh(force=True)
         start = getattr(self, "_form_start", None)
-        if self.finding_only:
-            # A range test trained nothing: its result is the LR finder's curve, not a run's summary.
-            self.finding_only = False
+        if finding:
+            # A range test trained nothing: its result is the LR finder's curve, not a run's summary,
+            # and the model is as it found it, so there is nothing new to chat with.
             self.summary.clear(NO_RUN)
             self.status.step_label.setText(
                 "learning-rate range test done" if end.status == "completed" else f"range test {end.status}"
             )
             self.lr_finder_dock.raise_()
-        elif start is not None:
-            kept = {}
-            for ch in self.history.changes:
-                for k, (old, new) in ch.changes.items():
-                    if k in cfgmod.LIVE_KEYS:
-                        kept[k] = [kept.get(k, [old])[0], new]
-            kept = {k: v for k, v in kept.items() if v[0] != v[1]}
-            self.setup.note_run_ended(title, start, kept)
+        else:
+            if start is not None:
+                kept = {}
+                for ch in self.history.changes:
+                    for k, (old, new) in ch.changes.items():
+                        if k in cfgmod.LIVE_KEYS:
+                            kept[k] = [kept.get(k, [old])[0], new]
+                kept = {k: v for k, v in kept.items() if v[0] != v[1]}
+                self.setup.note_run_ended(title, start, kept)
             if self.history.run_dir:
                 self._show_summary(self.history)
                 self.summary_dock.raise_()
-        if not finding:  # a range test leaves the model as it found it: nothing trained to chat with
             self._keep_model(title, end.status)
         self.library.refresh()
         if self.close_when_ended:

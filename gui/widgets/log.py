@@ -148,8 +148,8 @@ class LogPanel(QWidget):
                     status, "error"
                 )
                 # a run's output is its final/ adapter; a range test's, its lr_find.json
-                out = f", adapter in {output}" if output and output.endswith("final") else ""
-                out = out or (f", wrote {output}" if output else "")
+                what = "adapter in" if output and output.endswith("final") else "wrote"
+                out = f", {what} {output}" if output else ""
                 self.add(level, f"run {status} at step {step}{out}", when=t)
             case _:
                 pass  # steps and system readings are the plots' business
