@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import queue
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tunedeck.engine import cli
 from tunedeck.engine import config as config_mod
 from tunedeck.engine import resume as resume_mod
 from tunedeck.engine.protocol import Command, Event, StepEvent
@@ -72,3 +77,32 @@ def of(events: list[Event], kind: str) -> list[Any]:
 
 def steps(events: list[Event]) -> dict[int, StepEvent]:
     return {e.step: e for e in events if isinstance(e, StepEvent)}
+
+
+class CliRun:
+    """``tunedeck-train ARGS`` in a thread of this process, as a terminal would run it, with the
+    events of its run folder ``run_dir`` read as they are written."""
+
+    def __init__(self, args: list[str], run_dir: Path) -> None:
+        self.metrics = run_dir / "metrics.jsonl"
+        self.result: dict[str, int] = {}
+        self.thread = threading.Thread(target=lambda: self.result.update(code=cli.main(args)))
+        self.thread.start()
+
+    def events(self) -> list[dict]:
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(x) for x in self.metrics.read_text().splitlines()]
+
+    def wait_for(self, test: Callable[[list[dict]], bool], deadline: float | None = None) -> None:
+        """Until ``test(events)`` holds; fails once the run has ended or ``deadline`` (monotonic time;
+        by default 120 s from now) has passed."""
+        deadline = time.monotonic() + 120 if deadline is None else deadline
+        while not test(self.events()):
+            assert time.monotonic() < deadline and self.thread.is_alive()
+            time.sleep(0.05)
+
+    def join(self, timeout: float = 120) -> int | None:
+        """The exit status, or None while it still runs after ``timeout`` seconds."""
+        self.thread.join(timeout)
+        return self.result.get("code")

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 
 import pytest
 
+from tests.engine.helpers import CliRun
 from tunedeck.engine import cli
 
 
@@ -76,29 +76,19 @@ def test_control_file_changes_the_learning_rate_live(tmp_path, capsys):
         "--control",
         str(control),
     ]
-    result: dict[str, int] = {}
-    thread = threading.Thread(target=lambda: result.update(code=cli.main(args)))
-    thread.start()
-    metrics = tmp_path / "r" / "metrics.jsonl"
-
-    def events() -> list[dict]:
-        return [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
-
-    deadline = time.monotonic() + 120
-    while not any(e["type"] == "step" and e["step"] >= 3 for e in events()):
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.05)
+    run = CliRun(args, tmp_path / "r")
+    events = run.events
+    deadline = time.monotonic() + 120  # for both waits
+    run.wait_for(lambda ev: any(e["type"] == "step" and e["step"] >= 3 for e in ev), deadline)
     with open(control, "a") as f:
         f.write("not json\n")
         f.write(json.dumps({"cmd": "set", "learning_rate": 5e-4}) + "\n")
-    while not any(e["type"] == "change" for e in events()):
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.05)
+    run.wait_for(lambda ev: any(e["type"] == "change" for e in ev), deadline)
     with open(control, "a") as f:
         f.write(json.dumps({"cmd": "stop"}) + "\n")
-    thread.join(120)
+    code = run.join(120)
     out = capsys.readouterr().out
-    assert result["code"] == 0
+    assert code == 0
     assert f"error: control: line 1 of {control} is not JSON (Expecting value); ignored: not json" in out
     bad = next(e for e in events() if e["type"] == "error")
     assert bad["message"] == f"control: line 1 of {control} is not JSON (Expecting value); ignored: not json"
@@ -138,26 +128,17 @@ def test_control_file_rolls_back_with_a_new_learning_rate(tmp_path, capsys):
         "--control",
         str(control),
     ]
-    result: dict[str, int] = {}
-    thread = threading.Thread(target=lambda: result.update(code=cli.main(args)))
-    thread.start()
-    metrics = tmp_path / "r" / "metrics.jsonl"
-
-    def events() -> list[dict]:
-        return [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
-
-    deadline = time.monotonic() + 120
-    while not any(e["type"] == "step" and e["step"] >= 3 for e in events()):
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.05)
+    run = CliRun(args, tmp_path / "r")
+    events = run.events
+    run.wait_for(lambda ev: any(e["type"] == "step" and e["step"] >= 3 for e in ev))
     with open(control, "a") as f:
         f.write(
             json.dumps({"cmd": "rollback", "checkpoint": "step-000002", "set": {"learning_rate": 1e-3}})
             + "\n"
         )
-    thread.join(120)
+    code = run.join(120)
     out = capsys.readouterr().out
-    assert result["code"] == 0
+    assert code == 0
     rb = next(e for e in events() if e["type"] == "rollback")
     n = rb["from_step"]
     assert (rb["to_step"], rb["branch"]) == (2, 1)

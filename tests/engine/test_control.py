@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 
 import pytest
 
-from tunedeck.engine import cli
+from tests.engine.helpers import CliRun
 from tunedeck.engine.control import EXAMPLE, ControlFile
 from tunedeck.engine.errors import ConfigError
 from tunedeck.engine.session import TrainingSession
@@ -159,19 +158,8 @@ def test_hostile_control_lines_in_a_run_are_recorded_and_stop_still_works(tmp_pa
     ctl = tmp_path / "ctl.jsonl"
     args = ["--output-dir", str(tmp_path), "--set", "train.run_name=r", "--set", "train.max_steps=100000"]
     args += ["--set", "data.max_length=64", "--set", "train.eval_steps=0", "--control", str(ctl)]
-    result: dict[str, int] = {}
-    thread = threading.Thread(target=lambda: result.update(code=cli.main(args)))
-    thread.start()
-    metrics = tmp_path / "r" / "metrics.jsonl"
-
-    def events() -> list[dict]:
-        return [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
-
-    def wait_for(pred) -> None:
-        deadline = time.monotonic() + 120
-        while not pred(events()):
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.05)
+    run = CliRun(args, tmp_path / "r")
+    events, wait_for = run.events, run.wait_for
 
     wait_for(lambda ev: any(e["type"] == "step" for e in ev))
     append(ctl, b'{"cmd": ["set"]}\n')
@@ -187,8 +175,7 @@ def test_hostile_control_lines_in_a_run_are_recorded_and_stop_still_works(tmp_pa
         )
     )
     append(ctl, b'{"cmd": "stop"}\n')
-    thread.join(120)
-    assert result["code"] == 0
+    assert run.join(120) == 0
     # The reader says what it cannot read at once; the engine refuses commands at its next boundary.
     errors = sorted(e["message"] for e in events() if e["type"] == "error")
     where = f"control: line {{}} of {ctl}"

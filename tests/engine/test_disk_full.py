@@ -12,13 +12,12 @@ import json
 import os
 import re
 import subprocess
-import threading
 import time
 
 import pytest
 
-from tests.engine.helpers import make_cfg, of, run
-from tunedeck.engine import checkpoint, cli, durable, sinks
+from tests.engine.helpers import CliRun, make_cfg, of, run
+from tunedeck.engine import checkpoint, durable, sinks
 from tunedeck.engine.protocol import Stop
 from tunedeck.engine.session import TrainingSession
 
@@ -149,14 +148,12 @@ def test_a_disk_full_from_the_start_ends_the_run_with_its_causes(disk, capsys):
     fill(disk)
     args = ["--output-dir", str(disk), "--set", "train.run_name=r", "--set", "train.max_steps=3"]
     args += ["--set", "train.save_steps=1", "--set", "data.max_length=64", "--set", "lora.r=4"]
-    result: dict[str, int] = {}
-    thread = threading.Thread(target=lambda: result.update(code=cli.main(args)))
-    thread.start()
-    thread.join(180)
-    assert not thread.is_alive(), "tunedeck-train hung on a full disk"
+    run = CliRun(args, disk / "r")
+    code = run.join(180)
+    assert not run.thread.is_alive(), "tunedeck-train hung on a full disk"
     out = capsys.readouterr().out
     run_dir = disk / "r"
-    assert result["code"] == 1
+    assert code == 1
     said = [x for x in out.splitlines() if x.startswith(("warning:", "error:"))]
     tb = sinks.TensorBoardSink.available()
     patterns = [

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.helpers import make_cfg
+from tests.engine.helpers import CliRun, make_cfg
 from tunedeck.engine import checkpoint, cli
 from tunedeck.engine.protocol import Cancel, Sample
 from tunedeck.engine.session import TrainingSession
@@ -232,18 +232,11 @@ def test_with_a_control_file_a_non_finite_loss_pauses(tmp_path, capsys, monkeypa
     _poison_from_step_3(monkeypatch)
     ctl = tmp_path / "ctl.jsonl"
     args = ["--output-dir", str(tmp_path), "--set", "train.run_name=r", "--set", "train.max_steps=6", *FAST]
-    result: dict[str, int] = {}
-    thread = threading.Thread(target=lambda: result.update(code=cli.main([*args, "--control", str(ctl)])))
-    thread.start()
-    metrics = tmp_path / "r" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.is_file() and '"state": "paused"' in metrics.read_text()):
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.05)
+    run = CliRun([*args, "--control", str(ctl)], tmp_path / "r")
+    run.wait_for(lambda ev: any(e.get("state") == "paused" for e in ev))
     with open(ctl, "a") as f:
         f.write('{"cmd": "stop"}\n')
-    thread.join(120)
-    assert result["code"] == 0
+    assert run.join(120) == 0
     assert "warning: loss nan / grad norm nan at step 3 is not finite; paused before the optimizer step" in (
         capsys.readouterr().out
     )

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 from PySide6.QtCore import QRect, Qt
-from PySide6.QtGui import QImage, QPainter
+from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QApplication
 
 from tests.gui.fake_session import factory
+from tests.gui.test_plot_views import label_rects
 from tunedeck.engine.protocol import Eval
 from tunedeck.gui.history import fmt_number
 from tunedeck.gui.main_window import default_runs_folder
@@ -159,16 +160,6 @@ def test_the_now_strip_shows_the_current_values_without_hovering(make_window, ma
 
 
 # ---------------------------------------------------------------------- 8. small screens
-
-
-def label_rects(axis) -> list:
-    img = QImage(10, 10, QImage.Format.Format_ARGB32)
-    painter = QPainter(img)
-    try:
-        specs = axis.generateDrawSpecs(painter)
-    finally:
-        painter.end()
-    return [] if specs is None else [r for r, _f, text in specs[2] if text]
 
 
 def test_the_window_fits_a_1280x720_screen_and_the_plots_get_the_room(make_window, make_config, qtbot):
